@@ -1,0 +1,230 @@
+//! The command line (SPEC 7). Each command is a small function that loads the
+//! config, opens the store and calls into the library.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::segment::{self, Envelope};
+use crate::store::events::{self, EventRow};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "schematic-sync",
+    version,
+    about = "Segment events and Engage audiences to Schematic, durably, from one SQLite file"
+)]
+pub struct Cli {
+    /// Config file [default: ./config.toml; built-in defaults when it does not exist]
+    #[arg(long, global = true, env = "SCHEMATIC_SYNC_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: HTTP ingest API, scheduler and delivery worker
+    Serve,
+    /// Apply pending database migrations and exit (they also run at start)
+    Migrate,
+    /// Load NDJSON Segment messages from a file (backfill); `-` reads stdin
+    Ingest {
+        file: PathBuf,
+        /// Write key the messages are recorded under (scopes messageId dedupe)
+        #[arg(long)]
+        write_key: Option<String>,
+    },
+    /// Counts per state, oldest due delivery, paused or not
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads the config: an explicit path must exist; the default `config.toml`
+/// falls back to built-in defaults when absent.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    match path {
+        Some(p) => Config::load(p),
+        None => {
+            let default = Path::new("config.toml");
+            if default.exists() {
+                Config::load(default)
+            } else {
+                Ok(Config::default())
+            }
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve => {
+            crate::logging::init(&config.log, None);
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(crate::server::serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            crate::logging::init(&config.log, Some("warn"));
+            let store = Store::new(&config.store);
+            let mut conn = store.connect()?;
+            let applied = crate::store::migrate::apply(&mut conn)?;
+            if applied.is_empty() {
+                println!("{}: schema is up to date", store.path.display());
+            } else {
+                for name in applied {
+                    println!("applied {name}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ingest { file, write_key } => {
+            crate::logging::init(&config.log, Some("warn"));
+            ingest_file(&config, &file, write_key.as_deref().unwrap_or_default())
+        }
+        Command::Status { json } => {
+            crate::logging::init(&config.log, Some("warn"));
+            status(&config, json)
+        }
+    }
+}
+
+/// Rows per transaction for the NDJSON backfill.
+const INGEST_CHUNK: usize = 1000;
+
+fn ingest_file(config: &Config, file: &Path, write_key: &str) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&config.store);
+    let mut conn = store.open_and_migrate()?;
+    let (reader, total): (Box<dyn BufRead>, u64) = if file == Path::new("-") {
+        (Box::new(std::io::stdin().lock()), 0)
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        (Box::new(std::io::BufReader::new(f)), len)
+    };
+    let progress = progress_bar(total);
+    let limit = config.server.max_message_size.0 as usize;
+    let (mut stored, mut duplicates, mut invalid) = (0usize, 0usize, 0usize);
+    let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+    let mut flush =
+        |chunk: &mut Vec<EventRow>, conn: &mut rusqlite::Connection| -> anyhow::Result<()> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let outcome = events::insert(&tx, chunk)?;
+            tx.commit()?;
+            stored += outcome.stored;
+            duplicates += outcome.duplicates;
+            chunk.clear();
+            Ok(())
+        };
+    for (n, line) in reader.lines().enumerate() {
+        let line_no = n + 1;
+        let line =
+            line.with_context(|| format!("{}: cannot read line {line_no}", file.display()))?;
+        progress.inc(line.len() as u64 + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let problem = if line.len() > limit {
+            Err(format!(
+                "{} bytes, over the {limit}-byte limit (server.max_message_size)",
+                line.len()
+            ))
+        } else {
+            serde_json::from_str::<Value>(&line)
+                .map_err(|e| format!("not valid JSON: {e}"))
+                .and_then(|mut v| {
+                    if let Some(m) = v.as_object_mut() {
+                        m.remove("writeKey");
+                    }
+                    segment::prepare(v, None, &Envelope::default(), chrono::Utc::now())
+                })
+        };
+        match problem {
+            Ok(message) => chunk.push(EventRow::new(&message, write_key)),
+            Err(e) => {
+                invalid += 1;
+                progress.suspend(|| eprintln!("{}:{line_no}: skipped: {e}", file.display()));
+            }
+        }
+        if chunk.len() >= INGEST_CHUNK {
+            flush(&mut chunk, &mut conn)?;
+        }
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk, &mut conn)?;
+    }
+    progress.finish_and_clear();
+    println!("ingested {stored}, duplicates {duplicates}, invalid {invalid}");
+    Ok(if invalid == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A progress bar on a terminal; hidden otherwise.
+pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = if total > 0 {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&config.store);
+    let conn = store.open_and_migrate()?;
+    let events = events::count_by_status(&conn)?;
+    if as_json {
+        let events: serde_json::Map<String, Value> =
+            events.iter().map(|(s, n)| (s.clone(), json!(n))).collect();
+        let out = json!({
+            "store": store.path.display().to_string(),
+            "events": events,
+            "states": {},
+            "paused": config.schematic.resolve_api_key().is_none(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("store: {}", store.path.display());
+        println!("events:");
+        if events.is_empty() {
+            println!("  (none)");
+        }
+        for (status, n) in &events {
+            println!("  {status:<12} {n}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

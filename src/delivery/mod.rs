@@ -1,0 +1,3 @@
+//! Delivery to Schematic: retry policy (pure), and later the worker.
+
+pub mod retry;

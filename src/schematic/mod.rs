@@ -1,0 +1,3 @@
+//! Schematic capture API: payload types.
+
+pub mod event;
