@@ -70,3 +70,11 @@ SELECT id, kind, mapping, audience_key, user_id, attempts, next_attempt_at, last
 FROM deliveries
 WHERE state = 'pending' AND next_attempt_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
 ORDER BY next_attempt_at, id;
+
+-- the worker's shared state, so `status` and `drain` see what `serve` knows:
+-- 'paused' (why sending is paused) and 'not_before' (a Retry-After deadline)
+CREATE TABLE worker_state (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);

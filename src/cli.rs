@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::config::Config;
 use crate::segment::{self, Envelope};
@@ -45,6 +45,49 @@ pub enum Command {
     Status {
         #[arg(long)]
         json: bool,
+    },
+    /// One drain pass now (all due deliveries), then exit; exit code 0 if nothing failed
+    Drain {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Failed deliveries with status, error and attempts
+    Failed {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move failed deliveries back to pending (attempts and retry window reset)
+    Replay {
+        /// Delivery ids to replay
+        #[arg(long = "id", num_args = 1..)]
+        ids: Vec<i64>,
+        /// Every failed delivery
+        #[arg(long)]
+        all: bool,
+        /// Failed at or after this time (RFC 3339, or a duration ago such as 2h)
+        #[arg(long)]
+        since: Option<String>,
+        /// Failed before this time (RFC 3339, or a duration ago)
+        #[arg(long)]
+        until: Option<String>,
+        /// Only deliveries whose last HTTP status was this
+        #[arg(long)]
+        status: Option<u16>,
+        /// Rebuild payloads from the stored events with today's mappings
+        #[arg(long)]
+        remap: bool,
+        /// Show what would be replayed, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Schematic events a Segment message (JSON or NDJSON) would become; stores nothing
+    Preview {
+        /// File with one message or NDJSON; `-` or nothing reads stdin
+        file: Option<PathBuf>,
     },
 }
 
@@ -106,6 +149,44 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             crate::logging::init(&config.log, Some("warn"));
             status(&config, json)
+        }
+        Command::Drain { json } => {
+            crate::logging::init(&config.log, Some("warn"));
+            crate::operations::drain(&config, json)
+        }
+        Command::Failed { limit, json } => {
+            crate::logging::init(&config.log, Some("warn"));
+            crate::operations::failed(&config, limit, json)
+        }
+        Command::Replay {
+            ids,
+            all,
+            since,
+            until,
+            status,
+            remap,
+            dry_run,
+            json,
+        } => {
+            crate::logging::init(&config.log, Some("warn"));
+            let filter = crate::store::deliveries::ReplayFilter {
+                ids,
+                all,
+                since: since
+                    .as_deref()
+                    .map(crate::operations::parse_time_arg)
+                    .transpose()?,
+                until: until
+                    .as_deref()
+                    .map(crate::operations::parse_time_arg)
+                    .transpose()?,
+                status,
+            };
+            crate::operations::replay(&config, &filter, remap, dry_run, json)
+        }
+        Command::Preview { file } => {
+            crate::logging::init(&config.log, Some("warn"));
+            crate::operations::preview(&config, file.as_deref())
         }
     }
 }
@@ -203,28 +284,5 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
 }
 
 fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
-    let store = Store::new(&config.store);
-    let conn = store.open_and_migrate()?;
-    let events = events::count_by_status(&conn)?;
-    if as_json {
-        let events: serde_json::Map<String, Value> =
-            events.iter().map(|(s, n)| (s.clone(), json!(n))).collect();
-        let out = json!({
-            "store": store.path.display().to_string(),
-            "events": events,
-            "states": {},
-            "paused": config.schematic.resolve_api_key().is_none(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("store: {}", store.path.display());
-        println!("events:");
-        if events.is_empty() {
-            println!("  (none)");
-        }
-        for (status, n) in &events {
-            println!("  {status:<12} {n}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    crate::operations::status(config, as_json)
 }

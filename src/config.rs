@@ -256,7 +256,18 @@ impl Config {
         if self.audiences.user_key.trim().is_empty() {
             anyhow::bail!("audiences.user_key must not be empty");
         }
+        self.compiled_mappings()?;
         Ok(())
+    }
+
+    /// `[[mappings]]` compiled, or the two presets when there are none.
+    pub fn compiled_mappings(&self) -> anyhow::Result<Vec<crate::mapping::Mapping>> {
+        match &self.mappings {
+            Some(configs) => {
+                crate::mapping::compile(configs).map_err(|e| anyhow::anyhow!("[[mappings]]: {e}"))
+            }
+            None => Ok(crate::mapping::presets()),
+        }
     }
 
     /// Checked when the HTTP server starts: an open write-key list is only

@@ -13,6 +13,8 @@ pub mod delivery;
 pub mod ingest;
 pub mod logging;
 pub mod mapping;
+pub mod operations;
+pub mod scheduler;
 pub mod schematic;
 pub mod segment;
 pub mod server;

@@ -280,6 +280,23 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.and_utc())
 }
 
+/// The membership change a stored message carries, if any (the mapper reads
+/// stored messages, whose type and user were checked at ingest).
+pub fn stored_membership(raw: &Value) -> Result<Option<Membership>, String> {
+    let Some(msg) = raw.as_object() else {
+        return Ok(None);
+    };
+    let Some(kind) = msg
+        .get("type")
+        .and_then(Value::as_str)
+        .and_then(MessageType::parse)
+    else {
+        return Ok(None);
+    };
+    let user = id_field(msg, "userId")?.or(id_field(msg, "anonymousId")?);
+    membership(kind, msg, user.as_deref())
+}
+
 /// Recognises an Engage membership change (SPEC 2.2). A message that claims to
 /// be one but carries no boolean value is invalid input.
 fn membership(

@@ -16,8 +16,10 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::delivery::worker::{DrainReport, Worker};
 use crate::ingest::commit::Committer;
 use crate::ingest::{self, IngestState, IngestStats};
+use crate::scheduler::run_on_schedule;
 use crate::store::Store;
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -36,9 +38,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.schematic.api_key_env
         );
     }
+    let worker = Arc::new(Worker::new(&store, &config)?);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(watch_signals(shutdown_tx));
+
+    let drain_worker = worker.clone();
+    let drain_stop = shutdown_rx.clone();
+    let drains = tokio::spawn(run_on_schedule(
+        "drain",
+        config.delivery.schedule.clone(),
+        shutdown_rx.clone(),
+        move || {
+            let worker = drain_worker.clone();
+            let stop = drain_stop.clone();
+            async move {
+                match worker.drain(&stop).await {
+                    Ok(report) => log_drain(&report),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "drain pass failed; retried on the next tick")
+                    }
+                }
+            }
+        },
+    ));
 
     let health = committer.health.clone();
     let path = store.path.clone();
@@ -82,6 +105,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = stop.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!("requests still open after server.shutdown_timeout; closing them"),
+    }
+    // In-flight batches finish (or their leases make them due again later).
+    if tokio::time::timeout(grace, drains).await.is_err() {
+        tracing::warn!("a drain pass was still running after server.shutdown_timeout; its leases will expire and the rows be re-sent");
     }
     // The router (and its committer handles) is gone: the writer commits what
     // it holds and ends.
@@ -141,5 +168,22 @@ async fn healthz(State(committer): State<Committer>) -> impl IntoResponse {
                 json!({"status": "unavailable", "store": format!("not writable: {e}"), "ingest": ingest}),
             ),
         ),
+    }
+}
+
+fn log_drain(report: &DrainReport) {
+    let m = &report.mapped;
+    if m.events > 0 || report.requests > 0 {
+        tracing::info!(
+            mapped = m.events,
+            deliveries = m.deliveries,
+            skipped = m.skipped,
+            memberships = m.memberships,
+            requests = report.requests,
+            delivered = report.delivered,
+            retried = report.retried,
+            failed = report.failed,
+            "drain pass"
+        );
     }
 }

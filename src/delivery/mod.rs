@@ -1,3 +1,6 @@
-//! Delivery to Schematic: retry policy (pure), and later the worker.
+//! Delivery to Schematic: the mapper (events → deliveries), the retry policy
+//! (pure), and the worker that claims, sends and records.
 
+pub mod mapper;
 pub mod retry;
+pub mod worker;

@@ -1,3 +1,4 @@
-//! Schematic capture API: payload types.
+//! Schematic capture API: payload types and the HTTP client.
 
+pub mod client;
 pub mod event;

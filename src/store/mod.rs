@@ -3,6 +3,8 @@
 //! a pragma it cannot apply without saying so), runs the migrations, and offers
 //! small functions per table in its submodules.
 
+pub mod audiences;
+pub mod deliveries;
 pub mod events;
 pub mod migrate;
 

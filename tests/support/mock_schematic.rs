@@ -50,8 +50,8 @@ pub enum Fault {
     /// Answer this status with `Retry-After: <value>`.
     StatusWithRetryAfter(u16, String),
     /// Give the normal answer (200, or 400 for a rejected event) after this
-    /// delay. The events count as delivered once the answer is written, even
-    /// if the client gave up waiting, as they would at Schematic.
+    /// delay. The events count as delivered when the answer goes out, even if
+    /// the client gave up waiting, as they would at Schematic.
     Delay(Duration),
     /// Close the connection without answering.
     Drop,
@@ -359,7 +359,7 @@ struct Answer {
     status: u16,
     body: Value,
     retry_after: Option<String>,
-    /// Recorded as delivered once the answer is written (2xx only).
+    /// Recorded as delivered just before the answer is written (2xx only).
     delivered: Vec<Value>,
 }
 
@@ -396,6 +396,9 @@ async fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
+        // Recorded before the answer goes out, so a client that has seen its
+        // 2xx always finds its events in `events()`.
+        lock(&state).events.extend(answer.delivered);
         let bytes = render(
             answer.status,
             &answer.body,
@@ -403,11 +406,7 @@ async fn serve_connection(stream: TcpStream, state: Arc<Mutex<State>>) {
             !keep_alive,
         );
         let written = write.write_all(&bytes).await.is_ok() && write.flush().await.is_ok();
-        {
-            let mut state = lock(&state);
-            state.in_flight -= 1;
-            state.events.extend(answer.delivered);
-        }
+        lock(&state).in_flight -= 1;
         if !written || !keep_alive {
             return;
         }
