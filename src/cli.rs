@@ -84,10 +84,45 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Audience operations: list, sync, import
+    Audiences {
+        #[command(subcommand)]
+        command: AudiencesCommand,
+    },
     /// Print the Schematic events a Segment message (JSON or NDJSON) would become; stores nothing
     Preview {
         /// File with one message or NDJSON; `-` or nothing reads stdin
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AudiencesCommand {
+    /// Each audience with its member count, pending changes and last sync
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enqueue an identify for every (audience, user) whose state changed since the last sync
+    Sync {
+        /// Only this audience (default: all)
+        key: Option<String>,
+        /// Print the counts of additions and removals, change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Resend the whole current state, not only the changes
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the desired membership of KEY with the users in FILE (one id a line, or NDJSON {"userId": ...})
+    Import {
+        key: String,
+        file: PathBuf,
+        /// Accept an empty FILE (every member becomes a non-member)
+        #[arg(long)]
+        allow_empty: bool,
     },
 }
 
@@ -183,6 +218,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 status,
             };
             crate::operations::replay(&config, &filter, remap, dry_run, json)
+        }
+        Command::Audiences { command } => {
+            crate::logging::init(&config.log, Some("warn"));
+            match command {
+                AudiencesCommand::List { json } => crate::operations::audiences_list(&config, json),
+                AudiencesCommand::Sync {
+                    key,
+                    dry_run,
+                    full,
+                    json,
+                } => {
+                    crate::operations::audiences_sync(&config, key.as_deref(), dry_run, full, json)
+                }
+                AudiencesCommand::Import {
+                    key,
+                    file,
+                    allow_empty,
+                } => crate::operations::audiences_import(&config, &key, &file, allow_empty),
+            }
         }
         Command::Preview { file } => {
             crate::logging::init(&config.log, Some("warn"));

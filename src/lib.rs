@@ -7,6 +7,7 @@
 //! (retry decisions). The I/O shell: `store` (all SQL), `ingest` (HTTP
 //! routes and group commit), `server` (the daemon), `cli` (commands).
 
+pub mod audience;
 pub mod cli;
 pub mod config;
 pub mod delivery;

@@ -40,6 +40,7 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         .filter(|t| segment::parse_time(t).is_some_and(|t| t > now));
     let oldest_due = deliveries::oldest_due(&conn, now)?;
     let next_due = deliveries::next_due(&conn)?;
+    let runs = crate::store::audiences::recent_runs(&conn, 5)?;
     if as_json {
         let states: Map<String, Value> = states
             .iter()
@@ -56,6 +57,7 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
             "next_due": next_due,
             "not_before": not_before,
             "events": events,
+            "sync_runs": runs,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -85,6 +87,20 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     }
     for (status, n) in &events {
         println!("  {status:<11} {n}");
+    }
+    if !runs.is_empty() {
+        println!("last audience syncs:");
+        for r in &runs {
+            let outcome = match &r.error {
+                Some(e) => format!("ERROR: {e}"),
+                None if r.finished_at.is_none() => "interrupted or running".to_string(),
+                None => format!("+{} -{} enqueued {}", r.added, r.removed, r.enqueued),
+            };
+            println!(
+                "  #{:<5} {:<28} {}  {outcome}",
+                r.id, r.audience, r.started_at
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -408,4 +424,202 @@ pub fn preview(config: &Config, file: Option<&Path>) -> anyhow::Result<ExitCode>
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Maps received events (applying Engage membership messages) and syncs the
+/// given audience, or every audience. Shared by `audiences sync` and the
+/// scheduler in `serve`.
+pub fn sync_audiences(
+    conn: &mut rusqlite::Connection,
+    config: &Config,
+    key: Option<&str>,
+    dry_run: bool,
+    full: bool,
+) -> anyhow::Result<Vec<crate::audience::SyncOutcome>> {
+    // Engage messages already acknowledged are filed first (as the daemon
+    // does every drain tick), so the diff, dry or not, sees them.
+    let mappings = config.compiled_mappings()?;
+    crate::delivery::mapper::map_received(conn, &mappings, Utc::now())?;
+    let keys = match key {
+        Some(k) => {
+            if crate::store::audiences::trait_name_of(conn, k)?.is_none() {
+                anyhow::bail!("unknown audience {k:?}: see `schematic-sync audiences list`");
+            }
+            vec![k.to_string()]
+        }
+        None => crate::store::audiences::audience_keys(conn)?,
+    };
+    let mut outcomes = Vec::with_capacity(keys.len());
+    for k in keys {
+        let outcome = if dry_run {
+            crate::audience::dry_run(conn, &k, full)?
+        } else {
+            crate::audience::sync(conn, &k, &config.audiences.user_key, full)?
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+pub fn audiences_sync(
+    config: &Config,
+    key: Option<&str>,
+    dry_run: bool,
+    full: bool,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&config.store);
+    let mut conn = store.open_and_migrate()?;
+    let outcomes = sync_audiences(&mut conn, config, key, dry_run, full)?;
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"dry_run": dry_run, "full": full, "audiences": outcomes})
+            )?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if outcomes.is_empty() {
+        println!(
+            "no audiences yet: they appear with the first Engage message or `audiences import`"
+        );
+    }
+    for o in &outcomes {
+        let sample = |users: &[String]| {
+            if users.is_empty() {
+                String::new()
+            } else {
+                format!(" (e.g. {})", users.join(", "))
+            }
+        };
+        if dry_run {
+            println!(
+                "{}: would add {}{}, would remove {}{}",
+                o.audience,
+                o.added,
+                sample(&o.sample_added),
+                o.removed,
+                sample(&o.sample_removed)
+            );
+        } else {
+            println!(
+                "{}: added {}, removed {}, enqueued {} (sync run {})",
+                o.audience,
+                o.added,
+                o.removed,
+                o.enqueued,
+                o.run_id.unwrap_or_default()
+            );
+        }
+    }
+    if dry_run {
+        println!("dry run: nothing was changed or enqueued");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn audiences_list(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&config.store);
+    let conn = store.open_and_migrate()?;
+    let list = crate::store::audiences::list(&conn)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!("no audiences yet");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<32} {:<32} {:>10} {:>9} {:>9}  last sync",
+        "audience", "trait", "members", "to add", "to remove"
+    );
+    for a in &list {
+        println!(
+            "{:<32} {:<32} {:>10} {:>9} {:>9}  {}",
+            a.key,
+            a.trait_name,
+            a.members,
+            a.pending_additions,
+            a.pending_removals,
+            a.last_synced_at.as_deref().unwrap_or("never")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Users per temp-table transaction while reading a snapshot.
+const SNAPSHOT_CHUNK: usize = 10_000;
+
+pub fn audiences_import(
+    config: &Config,
+    key: &str,
+    file: &Path,
+    allow_empty: bool,
+) -> anyhow::Result<ExitCode> {
+    if key.trim().is_empty() {
+        anyhow::bail!("the audience key must not be empty");
+    }
+    let store = Store::new(&config.store);
+    let mut conn = store.open_and_migrate()?;
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let progress = crate::cli::progress_bar(total);
+    crate::store::audiences::begin_snapshot(&conn)?;
+    let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
+    let flush = |conn: &mut rusqlite::Connection, chunk: &mut Vec<String>| -> anyhow::Result<()> {
+        let tx = conn.transaction()?;
+        crate::store::audiences::add_to_snapshot(&tx, chunk)?;
+        tx.commit()?;
+        chunk.clear();
+        Ok(())
+    };
+    for (n, line) in std::io::BufRead::lines(std::io::BufReader::new(f)).enumerate() {
+        let line =
+            line.with_context(|| format!("{}: cannot read line {}", file.display(), n + 1))?;
+        progress.inc(line.len() as u64 + 1);
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let user = snapshot_user(line).map_err(|e| {
+            anyhow::anyhow!("{}:{}: {e}; nothing was imported", file.display(), n + 1)
+        })?;
+        chunk.push(user);
+        if chunk.len() >= SNAPSHOT_CHUNK {
+            flush(&mut conn, &mut chunk)?;
+        }
+    }
+    flush(&mut conn, &mut chunk)?;
+    progress.finish_and_clear();
+    let size = crate::store::audiences::snapshot_size(&conn)?;
+    if size == 0 && !allow_empty {
+        anyhow::bail!(
+            "{} has no users: an empty export usually means a broken export, so nothing was changed; \
+             pass --allow-empty to make every member of {key:?} a non-member",
+            file.display()
+        );
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (joined, left) = crate::store::audiences::apply_snapshot(&tx, key, Utc::now())?;
+    tx.commit()?;
+    println!(
+        "imported {size} users into {key}: {joined} became members, {left} are no longer members"
+    );
+    println!("the next audience sync sends the changes (`schematic-sync audiences sync {key} --dry-run` shows them)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A snapshot line: a plain user id, or an NDJSON object with `userId`.
+fn snapshot_user(line: &str) -> Result<String, String> {
+    if !line.starts_with('{') {
+        return Ok(line.to_string());
+    }
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    match v.get("userId").or_else(|| v.get("user_id")) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        _ => Err("the object has no userId".into()),
+    }
 }

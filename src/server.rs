@@ -63,6 +63,36 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
 
+    let sync_store = store.clone();
+    let sync_config = Arc::new(config.clone());
+    let syncs = tokio::spawn(run_on_schedule(
+        "audiences",
+        config.audiences.schedule.clone(),
+        shutdown_rx.clone(),
+        move || {
+            let store = sync_store.clone();
+            let config = sync_config.clone();
+            async move {
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut conn = store.connect()?;
+                    crate::operations::sync_audiences(&mut conn, &config, None, false, false)
+                })
+                .await;
+                match result {
+                    Ok(Ok(outcomes)) => {
+                        for o in outcomes {
+                            tracing::info!(audience = %o.audience, added = o.added, removed = o.removed, enqueued = o.enqueued, "audience sync");
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %format!("{e:#}"), "audience sync failed; see sync_runs")
+                    }
+                    Err(e) => tracing::error!(error = %e, "audience sync panicked"),
+                }
+            }
+        },
+    ));
+
     let health = committer.health.clone();
     let path = store.path.clone();
     let mut size_shutdown = shutdown_rx.clone();
@@ -107,6 +137,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         } => tracing::warn!("requests still open after server.shutdown_timeout; closing them"),
     }
     // In-flight batches finish (or their leases make them due again later).
+    if tokio::time::timeout(grace, syncs).await.is_err() {
+        tracing::warn!("an audience sync was still running after server.shutdown_timeout; the next run resumes it");
+    }
     if tokio::time::timeout(grace, drains).await.is_err() {
         tracing::warn!("a drain pass was still running after server.shutdown_timeout; its leases will expire and the rows be re-sent");
     }

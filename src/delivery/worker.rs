@@ -63,7 +63,6 @@ pub struct DrainReport {
     pub retried: usize,
     pub failed: usize,
     pub released: usize,
-    pub superseded: usize,
     /// Why sending is paused, when it is.
     pub paused: Option<String>,
     /// A `Retry-After` deadline that stopped the pass.
@@ -294,7 +293,6 @@ fn tally(report: &mut DrainReport, records: &[AttemptRecord], requests: usize) {
             Resolution::Retry { .. } => report.retried += 1,
             Resolution::Failed => report.failed += 1,
             Resolution::Release => report.released += 1,
-            Resolution::Superseded => report.superseded += 1,
             Resolution::Attempted => {}
         }
     }

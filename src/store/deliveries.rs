@@ -167,8 +167,6 @@ pub enum Resolution {
     Failed,
     /// Back to pending without spending an attempt (paused, or shutting down).
     Release,
-    /// A newer value for the same (audience, user) exists.
-    Superseded,
     /// An attempt that decided nothing yet (a batch rejected before it was
     /// split): recorded in the history, the row stays in flight.
     Attempted,
@@ -209,6 +207,13 @@ pub fn record(conn: &mut Connection, records: &[AttemptRecord]) -> rusqlite::Res
                  delivered_at = CASE WHEN ?2 = 'delivered' THEN ?4 ELSE delivered_at END
              WHERE id = ?1 AND state = 'in_flight'",
         )?;
+        let mut supersede_if_stale = tx.prepare_cached(
+            "UPDATE deliveries SET state = 'superseded', lease_until = NULL
+             WHERE id = ?1 AND state IN ('pending', 'failed') AND audience_key IS NOT NULL
+               AND EXISTS (SELECT 1 FROM deliveries AS n
+                           WHERE n.audience_key = deliveries.audience_key
+                             AND n.user_id = deliveries.user_id AND n.id > deliveries.id)",
+        )?;
         for r in records {
             let at = time_text(r.attempted_at);
             let (state, spent, next) = match &r.resolution {
@@ -218,7 +223,6 @@ pub fn record(conn: &mut Connection, records: &[AttemptRecord]) -> rusqlite::Res
                 }
                 Resolution::Failed => ("failed", 1, None),
                 Resolution::Release => ("pending", 0, None),
-                Resolution::Superseded => ("superseded", 1, None),
                 Resolution::Attempted => ("in_flight", 1, None),
             };
             update.execute(params![
@@ -239,6 +243,14 @@ pub fn record(conn: &mut Connection, records: &[AttemptRecord]) -> rusqlite::Res
                     r.error,
                     r.duration_ms as i64
                 ])?;
+            }
+            if matches!(
+                r.resolution,
+                Resolution::Retry { .. } | Resolution::Release | Resolution::Failed
+            ) {
+                // newest wins: a stale audience value that comes back unsent
+                // gives way to the newer value of its pair
+                supersede_if_stale.execute([r.delivery_id])?;
             }
         }
     }

@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0002_deliveries.sql",
         include_str!("../../migrations/0002_deliveries.sql"),
     ),
+    (
+        3,
+        "0003_audiences.sql",
+        include_str!("../../migrations/0003_audiences.sql"),
+    ),
 ];
 
 /// Applies the migrations the database does not have yet; returns their names.
@@ -55,4 +60,26 @@ pub fn apply(conn: &mut Connection) -> anyhow::Result<Vec<&'static str>> {
         applied.push(name);
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_in_migrations_is_embedded_in_order() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let embedded: Vec<String> = MIGRATIONS.iter().map(|m| m.1.to_string()).collect();
+        assert_eq!(files, embedded);
+        for (i, (version, name, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1);
+            assert!(name.starts_with(&format!("{version:04}_")), "{name}");
+        }
+    }
 }

@@ -1,0 +1,278 @@
+//! Audience syncs (SPEC 5): turn the difference between the desired and the
+//! synced membership into identify deliveries. The diff runs in SQL over the
+//! partial index of changed pairs, a chunk at a time, and each chunk's
+//! deliveries and its `synced` updates commit together, so an interrupted
+//! sync leaves a consistent state and the next run picks up the rest.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::delivery::mapper::hex;
+use crate::schematic::event::{format_sent_at, IdentifyBody, SchematicEvent};
+use crate::store::audiences::{self, MemberChange};
+use crate::store::deliveries::{self, NewDelivery};
+use crate::store::time_text;
+
+/// Pairs per transaction.
+const CHUNK: usize = 5000;
+
+/// The identify that sets one audience trait of one user.
+pub fn membership_event(
+    user_key: &str,
+    user_id: &str,
+    trait_name: &str,
+    member: bool,
+    now: DateTime<Utc>,
+) -> SchematicEvent {
+    let mut keys = BTreeMap::new();
+    keys.insert(user_key.to_string(), user_id.to_string());
+    let mut traits = Map::new();
+    traits.insert(trait_name.to_string(), Value::Bool(member));
+    SchematicEvent::identify(
+        format_sent_at(now),
+        IdentifyBody {
+            keys,
+            name: None,
+            traits: Some(traits),
+            company: None,
+        },
+    )
+}
+
+/// Stable for (audience, user, value, sync run): a retried or replayed
+/// delivery keeps it; a later run sending the same value gets a new one.
+pub fn audience_idempotency_key(audience: &str, user_id: &str, member: bool, run: i64) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        audience,
+        user_id,
+        if member { "1" } else { "0" },
+        &run.to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0u8]);
+    }
+    format!("aud_{}", hex(&h.finalize()[..20]))
+}
+
+/// What a sync of one audience did (or, dry, would do).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SyncOutcome {
+    pub audience: String,
+    pub run_id: Option<i64>,
+    pub added: i64,
+    pub removed: i64,
+    pub enqueued: i64,
+    pub sample_added: Vec<String>,
+    pub sample_removed: Vec<String>,
+}
+
+/// Counts and samples of what a sync would send; changes nothing.
+pub fn dry_run(conn: &Connection, audience: &str, full: bool) -> anyhow::Result<SyncOutcome> {
+    let (added, removed) = if full {
+        conn.query_row(
+            "SELECT coalesce(sum(desired = 1), 0), coalesce(sum(desired = 0 AND synced IS NOT NULL), 0)
+             FROM audience_members WHERE audience_key = ?1",
+            [audience],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+    } else {
+        audiences::diff_counts(conn, audience)?
+    };
+    Ok(SyncOutcome {
+        audience: audience.to_string(),
+        run_id: None,
+        added,
+        removed,
+        enqueued: 0,
+        sample_added: audiences::diff_sample(conn, audience, true, 5)?,
+        sample_removed: audiences::diff_sample(conn, audience, false, 5)?,
+    })
+}
+
+/// Runs one sync of one audience: enqueues an identify per changed pair
+/// (every pair with a state with `full`), newest value superseding older
+/// undelivered ones, and records the run in `sync_runs`.
+pub fn sync(
+    conn: &mut Connection,
+    audience: &str,
+    user_key: &str,
+    full: bool,
+) -> anyhow::Result<SyncOutcome> {
+    let started = Utc::now();
+    let trait_name = audiences::trait_name_of(conn, audience)?.ok_or_else(|| {
+        anyhow::anyhow!("unknown audience {audience:?}: see `schematic-sync audiences list`")
+    })?;
+    let run = audiences::start_run(conn, audience, full, started)?;
+    let mut outcome = SyncOutcome {
+        audience: audience.to_string(),
+        run_id: Some(run),
+        ..Default::default()
+    };
+    let result = (|| -> anyhow::Result<()> {
+        let mut after: Option<String> = None;
+        loop {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let key = full.then(|| after.clone().unwrap_or_default());
+            let chunk = audiences::changes(&tx, audience, key.as_deref(), CHUNK)?;
+            if chunk.is_empty() {
+                break;
+            }
+            let now = Utc::now();
+            let now_text = time_text(now);
+            let (mut added, mut removed) = (0i64, 0i64);
+            let mut rows = Vec::with_capacity(chunk.len());
+            for MemberChange {
+                user_id,
+                member,
+                synced,
+            } in &chunk
+            {
+                if *member {
+                    added += 1
+                } else {
+                    removed += 1
+                }
+                // A pair never synced has no earlier delivery to supersede.
+                if synced.is_some() {
+                    audiences::supersede_pair(&tx, audience, user_id)?;
+                }
+                let event = membership_event(user_key, user_id, &trait_name, *member, now);
+                rows.push(NewDelivery {
+                    kind: "identify",
+                    idempotency_key: audience_idempotency_key(audience, user_id, *member, run),
+                    payload: Some(serde_json::to_string(&event)?),
+                    error: None,
+                    event_id: None,
+                    mapping: None,
+                    audience_key: Some(audience.to_string()),
+                    user_id: Some(user_id.clone()),
+                    sync_run_id: Some(run),
+                });
+                audiences::mark_synced(&tx, audience, user_id, *member, &now_text)?;
+            }
+            let enqueued = deliveries::insert(&tx, &rows, now)? as i64;
+            audiences::add_to_run(&tx, run, added, removed, enqueued)?;
+            tx.commit()?;
+            outcome.added += added;
+            outcome.removed += removed;
+            outcome.enqueued += enqueued;
+            if outcome.sample_added.len() < 5 || outcome.sample_removed.len() < 5 {
+                for c in &chunk {
+                    let sample = if c.member {
+                        &mut outcome.sample_added
+                    } else {
+                        &mut outcome.sample_removed
+                    };
+                    if sample.len() < 5 {
+                        sample.push(c.user_id.clone());
+                    }
+                }
+            }
+            after = chunk.last().map(|c| c.user_id.clone());
+        }
+        Ok(())
+    })();
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    audiences::finish_run(conn, run, audience, error.as_deref(), Utc::now())?;
+    result?;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_event_is_an_identify_with_one_boolean_trait() {
+        let now = DateTime::parse_from_rfc3339("2024-05-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let e = membership_event("userId", "u1", "high_value_users", false, now);
+        assert_eq!(
+            serde_json::to_value(&e).unwrap(),
+            serde_json::json!({"type": "identify", "sent_at": "2024-05-01T10:00:00.000Z",
+                               "body": {"keys": {"userId": "u1"}, "traits": {"high_value_users": false}}})
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_differ_by_value_and_run_only() {
+        let a = audience_idempotency_key("aud", "u", true, 1);
+        assert_eq!(a, audience_idempotency_key("aud", "u", true, 1));
+        assert_ne!(a, audience_idempotency_key("aud", "u", false, 1));
+        assert_ne!(a, audience_idempotency_key("aud", "u", true, 2));
+        assert!(a.len() <= 255);
+    }
+
+    fn store() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store {
+            path: dir.path().join("a.db"),
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        let conn = store.open_and_migrate().unwrap();
+        (dir, conn)
+    }
+
+    fn set(conn: &Connection, user: &str, member: bool) {
+        let change = crate::segment::Membership {
+            audience_key: "Power Users".into(),
+            user_id: user.into(),
+            member,
+        };
+        audiences::record_membership(conn, &change, Utc::now()).unwrap();
+    }
+
+    #[test]
+    fn first_sync_sends_members_later_syncs_only_changes() {
+        let (_dir, mut conn) = store();
+        set(&conn, "a", true);
+        set(&conn, "b", true);
+        set(&conn, "c", false); // never a member: nothing to send
+        let first = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!((first.added, first.removed, first.enqueued), (2, 0, 2));
+        let trait_name: String = conn
+            .query_row(
+                "SELECT json_extract(payload, '$.body.traits') FROM deliveries LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(trait_name, r#"{"power_users":true}"#);
+        let again = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!(again.enqueued, 0, "no change, nothing sent");
+        set(&conn, "a", false);
+        let dry = dry_run(&conn, "Power Users", false).unwrap();
+        assert_eq!(
+            (dry.added, dry.removed, dry.sample_removed.clone()),
+            (0, 1, vec!["a".to_string()])
+        );
+        let third = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!((third.added, third.removed), (0, 1));
+        let full = sync(&mut conn, "Power Users", "userId", true).unwrap();
+        assert_eq!(
+            (full.added, full.removed),
+            (1, 1),
+            "full resends b=true and a=false"
+        );
+        // the undelivered earlier values of a and b were superseded
+        let pending: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM deliveries WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(pending, 2);
+        let runs = audiences::recent_runs(&conn, 10).unwrap();
+        assert_eq!(runs.len(), 4);
+        assert!(runs
+            .iter()
+            .all(|r| r.finished_at.is_some() && r.error.is_none()));
+    }
+}
