@@ -84,6 +84,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete failed deliveries older than a time (they are otherwise kept for replay)
+    Purge {
+        /// Purge failed deliveries (the only kind purge removes; the rest goes by retention)
+        #[arg(long, required = true)]
+        failed: bool,
+        /// Older than this: RFC 3339, or a duration ago such as 30d
+        #[arg(long)]
+        before: String,
+    },
+    /// Configuration: `config check` validates the file and prints the effective mappings
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Audience operations: list, sync, import
     Audiences {
         #[command(subcommand)]
@@ -94,6 +108,12 @@ pub enum Command {
         /// File with one message or NDJSON; `-` or nothing reads stdin
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config file and print the effective settings and mappings
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,6 +258,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } => crate::operations::audiences_import(&config, &key, &file, allow_empty),
             }
         }
+        Command::Purge { failed: _, before } => {
+            crate::logging::init(&config.log, Some("warn"));
+            let before = crate::operations::parse_time_arg(&before)?;
+            let store = Store::new(&config.store);
+            let mut conn = store.open_and_migrate()?;
+            let n = crate::store::retention::purge_failed(&mut conn, before)?;
+            println!(
+                "purged {n} failed deliveries last tried before {}",
+                crate::store::time_text(before)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => crate::operations::config_check(&config, cli.config.as_deref()),
         Command::Preview { file } => {
             crate::logging::init(&config.log, Some("warn"));
             crate::operations::preview(&config, file.as_deref())

@@ -212,7 +212,9 @@ impl Config {
     /// Parses config text and checks the rules serde cannot express.
     pub fn parse(text: &str) -> anyhow::Result<Config> {
         let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        config.validate()?;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}", with_mapping_line(text, &e.to_string())))?;
         Ok(config)
     }
 
@@ -282,6 +284,27 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+/// Mapping errors name the mapping (`mapping "X": ...`); this adds the line
+/// of its `name = "X"` so the user finds it in a long file.
+fn with_mapping_line(text: &str, error: &str) -> String {
+    let Some(name) = error
+        .split_once("mapping \"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(name, _)| name)
+    else {
+        return error.to_string();
+    };
+    let quoted = format!("{name:?}");
+    let line = text.lines().position(|l| {
+        let l = l.trim_start();
+        l.starts_with("name") && l.contains(&quoted)
+    });
+    match line {
+        Some(n) => format!("{error} (line {})", n + 1),
+        None => error.to_string(),
     }
 }
 
@@ -507,6 +530,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_trigger_names_the_mapping_its_line_and_position() {
+        let text = "[log]\nlevel = \"info\"\n\n[[mappings]]\nname = \"Bad One\"\ntrigger = 'type = = \"track\"'\naction = \"track\"\n[mappings.fields]\nevent_name = \"$.event\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            err.contains("Bad One") && err.contains("position") && err.contains("line 5"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod ingest;
 pub mod logging;
 pub mod mapping;
+pub mod metrics;
 pub mod operations;
 pub mod scheduler;
 pub mod schematic;

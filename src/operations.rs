@@ -62,10 +62,11 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let paint = Paint::for_stdout();
     println!("store:       {}", store.path.display());
     match &paused {
-        Some(reason) => println!("sending:     PAUSED: {reason}"),
-        None => println!("sending:     active"),
+        Some(reason) => println!("sending:     {}", paint.red(&format!("PAUSED: {reason}"))),
+        None => println!("sending:     {}", paint.green("active")),
     }
     if let Some(t) = &not_before {
         println!("waiting:     Schematic asked for no request before {t}");
@@ -79,7 +80,13 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     }
     println!("deliveries:");
     for (state, n) in &states {
-        println!("  {state:<11} {n}");
+        let count = n.to_string();
+        let count = if *state == "failed" && *n > 0 {
+            paint.red(&count)
+        } else {
+            count
+        };
+        println!("  {state:<11} {count}");
     }
     println!("events:");
     if events.is_empty() {
@@ -103,6 +110,29 @@ pub fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// ANSI colour, only on a terminal and unless `NO_COLOR` is set.
+struct Paint(bool);
+
+impl Paint {
+    fn for_stdout() -> Paint {
+        use std::io::IsTerminal;
+        Paint(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    }
+    fn wrap(&self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+    fn red(&self, text: &str) -> String {
+        self.wrap("31;1", text)
+    }
+    fn green(&self, text: &str) -> String {
+        self.wrap("32", text)
+    }
 }
 
 fn age(now: DateTime<Utc>, t: &str) -> String {
@@ -622,4 +652,54 @@ fn snapshot_user(line: &str) -> Result<String, String> {
         Some(Value::Number(n)) => Ok(n.to_string()),
         _ => Err("the object has no userId".into()),
     }
+}
+
+/// `config check`: the config loaded (or the error already printed), then
+/// the effective settings and mappings.
+pub fn config_check(config: &Config, path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mappings = config.compiled_mappings()?;
+    let source = path.map_or_else(
+        || {
+            if Path::new("config.toml").exists() {
+                "config.toml".to_string()
+            } else {
+                "built-in defaults".to_string()
+            }
+        },
+        |p| p.display().to_string(),
+    );
+    println!("{source}: ok");
+    println!("store.path            {}", config.store.path.display());
+    println!("server.listen         {}", config.server.listen);
+    println!("schematic.capture_url {}", config.schematic.capture_url);
+    let key = if config.schematic.resolve_api_key().is_some() {
+        "set"
+    } else {
+        "MISSING (sending stays paused)"
+    };
+    println!(
+        "schematic API key     {key} (from {} or schematic.api_key)",
+        config.schematic.api_key_env
+    );
+    println!("delivery.schedule     {}", config.delivery.schedule.source);
+    println!("audiences.schedule    {}", config.audiences.schedule.source);
+    let origin = if config.mappings.is_some() {
+        "[[mappings]]"
+    } else {
+        "presets"
+    };
+    println!("mappings ({origin}):");
+    for m in &mappings {
+        println!(
+            "  {:?}: {} when {}{}",
+            m.name,
+            m.action.as_str(),
+            m.trigger.source(),
+            if m.enabled { "" } else { " (disabled)" }
+        );
+        for (field, value) in &m.fields {
+            println!("      {field} = {value}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

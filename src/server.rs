@@ -8,17 +8,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::delivery::worker::{DrainReport, Worker};
 use crate::ingest::commit::Committer;
-use crate::ingest::{self, IngestState, IngestStats};
+use crate::ingest::{self, IngestState};
 use crate::scheduler::run_on_schedule;
 use crate::store::Store;
 
@@ -93,6 +94,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         },
     ));
 
+    tokio::spawn(run_retention(
+        store.clone(),
+        config.store.retention.0,
+        shutdown_rx.clone(),
+    ));
+
     let health = committer.health.clone();
     let path = store.path.clone();
     let mut size_shutdown = shutdown_rx.clone();
@@ -106,13 +113,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
+    let monitor = Monitor {
+        committer: committer.clone(),
+        reader: Arc::new(std::sync::Mutex::new(store.connect()?)),
+        metrics: crate::metrics::install()?,
+    };
     let state = IngestState {
         committer: committer.clone(),
         limits: Arc::new(config.server.clone()),
-        stats: Arc::new(IngestStats::default()),
     };
     let app = Router::new()
-        .route("/healthz", get(healthz).with_state(committer.clone()))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_endpoint))
+        .with_state(monitor)
         .merge(ingest::routes(state));
     drop(committer);
 
@@ -178,29 +191,121 @@ async fn watch_signals(shutdown: watch::Sender<bool>) {
     let _ = shutdown.send(true);
 }
 
-/// `GET /healthz`: 200 when the store takes a write lock, 503 otherwise.
-async fn healthz(State(committer): State<Committer>) -> impl IntoResponse {
-    let probe = tokio::time::timeout(Duration::from_secs(5), committer.probe()).await;
+/// What `/healthz` and `/metrics` read: the writer (to probe it) and a
+/// read connection for the queue.
+#[derive(Clone)]
+struct Monitor {
+    committer: Committer,
+    reader: Arc<std::sync::Mutex<rusqlite::Connection>>,
+    metrics: PrometheusHandle,
+}
+
+impl Monitor {
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the monitor connection lock is poisoned"))?;
+            f(&conn)
+        })
+        .await?
+    }
+}
+
+/// `GET /healthz`: 200 when the store takes a write lock, 503 otherwise; the
+/// body also says whether ingest is accepting and sending is paused.
+async fn healthz(State(monitor): State<Monitor>) -> impl IntoResponse {
+    let probe = tokio::time::timeout(Duration::from_secs(5), monitor.committer.probe()).await;
     let store = match probe {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the store writer did not answer within 5 s".to_string()),
     };
-    let ingest = match committer.health.refusal() {
+    let ingest = match monitor.committer.health.refusal() {
         Some(why) => format!("refusing: {why}"),
         None => "accepting".to_string(),
     };
-    match store {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({"status": "ok", "store": "writable", "ingest": ingest})),
-        ),
+    let paused = monitor
+        .read(|c| {
+            Ok(crate::store::deliveries::worker_state(
+                c,
+                crate::delivery::worker::PAUSED,
+            )?)
+        })
+        .await
+        .ok()
+        .flatten();
+    let sending = match &paused {
+        Some(reason) => format!("paused: {reason}"),
+        None => "active".to_string(),
+    };
+    let (code, status, store) = match store {
+        Ok(()) => (StatusCode::OK, "ok", "writable".to_string()),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({"status": "unavailable", "store": format!("not writable: {e}"), "ingest": ingest}),
-            ),
+            "unavailable",
+            format!("not writable: {e}"),
         ),
+    };
+    (
+        code,
+        Json(
+            json!({"status": status, "store": store, "ingest": ingest, "sending": sending, "paused": paused.is_some()}),
+        ),
+    )
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics_endpoint(State(monitor): State<Monitor>) -> impl IntoResponse {
+    if let Err(e) = monitor.read(crate::metrics::refresh_gauges).await {
+        tracing::warn!(error = %format!("{e:#}"), "cannot read queue gauges for /metrics");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        monitor.metrics.render(),
+    )
+}
+
+/// Deletes rows past `store.retention` in small batches, once a minute (more
+/// often for a retention of a few minutes or less).
+async fn run_retention(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut conn = store.connect()?;
+            let cutoff =
+                chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+            Ok(crate::store::retention::sweep(&mut conn, cutoff)?)
+        })
+        .await;
+        match result {
+            Ok(Ok(swept)) if swept.deliveries + swept.events > 0 => {
+                tracing::info!(
+                    deliveries = swept.deliveries,
+                    events = swept.events,
+                    freed_pages = swept.freed_pages,
+                    "retention"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "retention run failed; retried in a minute")
+            }
+            Err(e) => tracing::warn!(error = %e, "retention run panicked"),
+        }
     }
 }
 

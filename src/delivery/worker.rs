@@ -287,6 +287,7 @@ impl Worker {
 
 fn tally(report: &mut DrainReport, records: &[AttemptRecord], requests: usize) {
     report.requests += requests;
+    let before = (report.delivered, report.retried, report.failed);
     for r in records {
         match r.resolution {
             Resolution::Delivered => report.delivered += 1,
@@ -296,6 +297,17 @@ fn tally(report: &mut DrainReport, records: &[AttemptRecord], requests: usize) {
             Resolution::Attempted => {}
         }
     }
+    let spent = records
+        .iter()
+        .filter(|r| r.resolution != Resolution::Release)
+        .count();
+    metrics::counter!(crate::metrics::DELIVERIES_SENT).increment(spent as u64);
+    metrics::counter!(crate::metrics::DELIVERIES_DELIVERED)
+        .increment((report.delivered - before.0) as u64);
+    metrics::counter!(crate::metrics::DELIVERIES_RETRIED)
+        .increment((report.retried - before.1) as u64);
+    metrics::counter!(crate::metrics::DELIVERIES_FAILED)
+        .increment((report.failed - before.2) as u64);
 }
 
 /// Sends one claimed batch. A 400/413/422 splits it in halves until the bad
@@ -325,6 +337,7 @@ async fn send_with_split(
             .collect();
         let result = ctx.client.send(&events).await;
         flags.requests += 1;
+        metrics::histogram!(crate::metrics::REQUEST_DURATION).record(result.duration.as_secs_f64());
         let now = Utc::now();
         let status = match &result.outcome {
             AttemptOutcome::Status { code, .. } => Some(*code),

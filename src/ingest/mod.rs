@@ -5,7 +5,6 @@
 pub mod body;
 pub mod commit;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -24,20 +23,11 @@ use crate::segment::{self, Envelope, MessageType};
 use crate::store::events::EventRow;
 use commit::Committer;
 
-/// Counters kept by the ingest routes (exported by `/metrics`).
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    pub ingested: AtomicU64,
-    pub deduplicated: AtomicU64,
-    pub rejected: AtomicU64,
-}
-
 /// What the ingest routes share.
 #[derive(Clone)]
 pub struct IngestState {
     pub committer: Committer,
     pub limits: Arc<ServerConfig>,
-    pub stats: Arc<IngestStats>,
 }
 
 /// An ingest failure, answered as SPEC's JSON error shape.
@@ -115,14 +105,14 @@ pub fn routes(state: IngestState) -> Router {
     for (long, short, kind) in single {
         let handler = post(
             move |State(state): State<IngestState>, headers: HeaderMap, body: Body| async move {
-                answer(&state, handle(&state, Some(kind), headers, body).await)
+                answer(handle(&state, Some(kind), headers, body).await)
             },
         );
         router = router.route(long, handler.clone()).route(short, handler);
     }
     let batch = post(
         |State(state): State<IngestState>, headers: HeaderMap, body: Body| async move {
-            answer(&state, handle(&state, None, headers, body).await)
+            answer(handle(&state, None, headers, body).await)
         },
     );
     router
@@ -132,11 +122,11 @@ pub fn routes(state: IngestState) -> Router {
         .with_state(state)
 }
 
-fn answer(state: &IngestState, result: Result<(), IngestError>) -> Response {
+fn answer(result: Result<(), IngestError>) -> Response {
     match result {
         Ok(()) => (StatusCode::OK, Json(json!({"success": true}))).into_response(),
         Err(e) => {
-            state.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::REJECTED, "reason" => e.code).increment(1);
             if e.status.is_server_error() {
                 tracing::warn!(status = e.status.as_u16(), reason = %e.message, "ingest unavailable");
             } else {
@@ -205,14 +195,8 @@ async fn handle(
         .commit(rows)
         .await
         .map_err(|e| IngestError::unavailable(format!("the store cannot write: {e}")))?;
-    state
-        .stats
-        .ingested
-        .fetch_add(outcome.stored as u64, Ordering::Relaxed);
-    state
-        .stats
-        .deduplicated
-        .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+    metrics::counter!(crate::metrics::INGESTED).increment(outcome.stored as u64);
+    metrics::counter!(crate::metrics::DEDUPLICATED).increment(outcome.duplicates as u64);
     Ok(())
 }
 

@@ -249,24 +249,38 @@ pub struct SyncRun {
     pub error: Option<String>,
 }
 
+const SYNC_RUN_COLUMNS: &str =
+    "id, audience, started_at, finished_at, added, removed, enqueued, full, error";
+
+fn sync_run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SyncRun> {
+    Ok(SyncRun {
+        id: r.get(0)?,
+        audience: r.get(1)?,
+        started_at: r.get(2)?,
+        finished_at: r.get(3)?,
+        added: r.get(4)?,
+        removed: r.get(5)?,
+        enqueued: r.get(6)?,
+        full: r.get::<_, i64>(7)? == 1,
+        error: r.get(8)?,
+    })
+}
+
 pub fn recent_runs(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<SyncRun>> {
-    let mut stmt = conn.prepare(
-        "SELECT id, audience, started_at, finished_at, added, removed, enqueued, full, error
-         FROM sync_runs ORDER BY id DESC LIMIT ?1",
-    )?;
-    let rows = stmt.query_map([limit as i64], |r| {
-        Ok(SyncRun {
-            id: r.get(0)?,
-            audience: r.get(1)?,
-            started_at: r.get(2)?,
-            finished_at: r.get(3)?,
-            added: r.get(4)?,
-            removed: r.get(5)?,
-            enqueued: r.get(6)?,
-            full: r.get::<_, i64>(7)? == 1,
-            error: r.get(8)?,
-        })
-    })?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {SYNC_RUN_COLUMNS} FROM sync_runs ORDER BY id DESC LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([limit as i64], sync_run_row)?;
+    rows.collect()
+}
+
+/// The latest finished run of each audience.
+pub fn last_run_per_audience(conn: &Connection) -> rusqlite::Result<Vec<SyncRun>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {SYNC_RUN_COLUMNS} FROM sync_runs
+         WHERE id IN (SELECT max(id) FROM sync_runs WHERE finished_at IS NOT NULL GROUP BY audience)"
+    ))?;
+    let rows = stmt.query_map([], sync_run_row)?;
     rows.collect()
 }
 

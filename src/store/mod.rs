@@ -7,6 +7,7 @@ pub mod audiences;
 pub mod deliveries;
 pub mod events;
 pub mod migrate;
+pub mod retention;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,0 +1,209 @@
+//! Retention (SPEC 8): delivered and superseded deliveries, and the events no
+//! delivery needs any more, are deleted once older than `store.retention`, a
+//! small batch per transaction so ingest never waits long for the write lock.
+//! Failed deliveries stay until replayed or purged. Freed pages go back to
+//! the file system through incremental vacuum.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::store::time_text;
+
+/// Rows per delete transaction.
+pub const BATCH: usize = 1000;
+
+/// What one retention run deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub deliveries: usize,
+    pub events: usize,
+    pub freed_pages: i64,
+}
+
+/// Deletes everything past retention, batch by batch.
+pub fn sweep(conn: &mut Connection, cutoff: DateTime<Utc>) -> rusqlite::Result<Swept> {
+    let cutoff = time_text(cutoff);
+    let mut swept = Swept::default();
+    loop {
+        let n = conn.execute(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE state = 'delivered' AND delivered_at < ?1
+                 ORDER BY delivered_at LIMIT ?2)",
+            params![cutoff, BATCH as i64],
+        )?;
+        swept.deliveries += n;
+        if n < BATCH {
+            break;
+        }
+    }
+    loop {
+        // superseded rows have no index of their own; they are few
+        let n = conn.execute(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE state = 'superseded' AND created_at < ?1 LIMIT ?2)",
+            params![cutoff, BATCH as i64],
+        )?;
+        swept.deliveries += n;
+        if n < BATCH {
+            break;
+        }
+    }
+    // Events arrive in id order, so every event older than the cutoff has an
+    // id below the first one that is not; walking from the oldest id stops
+    // there instead of scanning the whole table.
+    let boundary: i64 = conn
+        .query_row(
+            "SELECT id FROM events WHERE received_at >= ?1 ORDER BY id LIMIT 1",
+            [&cutoff],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(i64::MAX);
+    loop {
+        let n = conn.execute(
+            "DELETE FROM events WHERE id IN (
+                 SELECT e.id FROM events e
+                 WHERE e.id < ?1 AND e.received_at < ?2 AND e.status != 'received'
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+                 ORDER BY e.id LIMIT ?3)",
+            params![boundary, cutoff, BATCH as i64],
+        )?;
+        swept.events += n;
+        if n < BATCH {
+            break;
+        }
+    }
+    swept.freed_pages = vacuum_free_pages(conn)?;
+    Ok(swept)
+}
+
+/// Gives free pages back to the file system, a few at a time.
+pub fn vacuum_free_pages(conn: &Connection) -> rusqlite::Result<i64> {
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    if free > 0 {
+        let mut remaining = free;
+        while remaining > 0 {
+            let step = remaining.min(2000);
+            conn.query_row(
+                &format!("PRAGMA incremental_vacuum({step})"),
+                [],
+                |_| Ok(()),
+            )
+            .optional()?;
+            remaining -= step;
+        }
+    }
+    Ok(free)
+}
+
+/// `purge --failed --before T`: deletes failed deliveries whose last attempt
+/// (or creation) is older than `before`. Returns how many.
+pub fn purge_failed(conn: &mut Connection, before: DateTime<Utc>) -> rusqlite::Result<usize> {
+    let before = time_text(before);
+    let mut total = 0;
+    loop {
+        let n = conn.execute(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE state = 'failed'
+                   AND coalesce(last_attempt_at, created_at) < ?1 LIMIT ?2)",
+            params![before, BATCH as i64],
+        )?;
+        total += n;
+        if n < BATCH {
+            break;
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::deliveries::{self, AttemptRecord, NewDelivery, Resolution};
+    use crate::store::events::{self, EventRow};
+
+    #[test]
+    fn sweep_keeps_failed_and_recent_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store {
+            path: dir.path().join("r.db"),
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        let mut conn = store.open_and_migrate().unwrap();
+        let old = Utc::now() - chrono::Duration::days(10);
+        let row = |id: &str, at: DateTime<Utc>| EventRow {
+            message_id: id.into(),
+            write_key: "k".into(),
+            kind: "track",
+            user_id: Some("u".into()),
+            anonymous_id: None,
+            event: Some("E".into()),
+            timestamp: time_text(at),
+            received_at: time_text(at),
+            raw: "{}".into(),
+        };
+        events::insert(
+            &conn,
+            &[
+                row("old-ok", old),
+                row("old-failed", old),
+                row("new", Utc::now()),
+            ],
+        )
+        .unwrap();
+        conn.execute("UPDATE events SET status = 'mapped'", [])
+            .unwrap();
+        let ids: Vec<i64> = (1..=3).collect();
+        let news: Vec<NewDelivery> = ids
+            .iter()
+            .map(|id| NewDelivery {
+                kind: "track",
+                idempotency_key: format!("k{id}"),
+                payload: Some("{}".into()),
+                error: None,
+                event_id: Some(*id),
+                mapping: Some("m".into()),
+                audience_key: None,
+                user_id: None,
+                sync_run_id: None,
+            })
+            .collect();
+        deliveries::insert(&conn, &news, old).unwrap();
+        let claimed = deliveries::claim(&conn, Utc::now(), Utc::now(), 10).unwrap();
+        assert_eq!(claimed.len(), 3);
+        let rec = |id: i64, resolution: Resolution, at: DateTime<Utc>| AttemptRecord {
+            delivery_id: id,
+            resolution,
+            attempted_at: at,
+            status: Some(200),
+            error: None,
+            response: None,
+            duration_ms: 1,
+        };
+        deliveries::record(
+            &mut conn,
+            &[
+                rec(1, Resolution::Delivered, old),
+                rec(2, Resolution::Failed, old),
+                rec(3, Resolution::Delivered, Utc::now()),
+            ],
+        )
+        .unwrap();
+        let swept = sweep(&mut conn, Utc::now() - chrono::Duration::days(7)).unwrap();
+        assert_eq!((swept.deliveries, swept.events), (1, 1));
+        let left: Vec<String> = conn
+            .prepare("SELECT message_id FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, vec!["old-failed", "new"]);
+        assert_eq!(purge_failed(&mut conn, Utc::now()).unwrap(), 1);
+        let swept = sweep(&mut conn, Utc::now() - chrono::Duration::days(7)).unwrap();
+        assert_eq!(
+            swept.events, 1,
+            "the failed row's event goes once the row is purged"
+        );
+    }
+}
