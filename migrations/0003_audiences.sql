@@ -34,6 +34,9 @@ CREATE TABLE sync_runs (
     removed     INTEGER NOT NULL DEFAULT 0,
     enqueued    INTEGER NOT NULL DEFAULT 0,
     full        INTEGER NOT NULL DEFAULT 0,
-    error       TEXT
+    error       TEXT,
+    -- the names SPEC 5 uses, for people at the sqlite3 prompt
+    started     TEXT GENERATED ALWAYS AS (started_at) VIRTUAL,
+    finished    TEXT GENERATED ALWAYS AS (finished_at) VIRTUAL
 );
 CREATE INDEX sync_runs_audience ON sync_runs (audience, id);
