@@ -9,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::mapping::{map_message, Mapping};
-use crate::store::deliveries::{self, NewDelivery};
+use crate::store::deliveries::{self, NewDelivery, ReceivedEvent};
 
 /// Events mapped per transaction.
 const CHUNK: usize = 1000;
@@ -39,77 +39,94 @@ pub struct MapReport {
     pub memberships: usize,
 }
 
-/// Maps every received event, oldest first.
+/// What one received event becomes, decided before the write lock is taken.
+enum Outcome {
+    Membership(crate::segment::Membership),
+    Skipped,
+    Mapped(Vec<NewDelivery>),
+}
+
+/// Maps one stored event with the mappings: pure, no store access.
+fn map_event(event: &ReceivedEvent, mappings: &[Mapping]) -> anyhow::Result<Outcome> {
+    let raw: Value = serde_json::from_str(&event.raw).unwrap_or(Value::Null);
+    // checked at ingest; a stored message whose membership part is somehow
+    // invalid is mapped like any other event
+    if let Ok(Some(change)) = crate::segment::stored_membership(&raw) {
+        return Ok(Outcome::Membership(change));
+    }
+    let mapped = map_message(mappings, &raw);
+    if mapped.is_empty() {
+        return Ok(Outcome::Skipped);
+    }
+    let mut rows = Vec::with_capacity(mapped.len());
+    for m in mapped {
+        let idempotency_key = event_idempotency_key(&event.write_key, &event.message_id, &m.mapping);
+        let (kind, payload, error) = match m.result {
+            Ok(schematic_event) => (schematic_event.kind.as_str(), Some(serde_json::to_string(&schematic_event)?), None),
+            Err(reason) => {
+                let kind = mappings.iter().find(|x| x.name == m.mapping).map_or("track", |x| x.action.as_str());
+                (kind, None, Some(format!("mapping failed: {reason}")))
+            }
+        };
+        rows.push(NewDelivery {
+            kind,
+            idempotency_key,
+            payload,
+            error,
+            event_id: Some(event.id),
+            mapping: Some(m.mapping),
+            audience_key: None,
+            user_id: None,
+            sync_run_id: None,
+        });
+    }
+    Ok(Outcome::Mapped(rows))
+}
+
+/// Maps every received event, oldest first. Events are read and mapped
+/// without the write lock; the lock is held only to write the results, so
+/// ingest's group commits wait as little as possible. An event another
+/// mapper (a `drain` next to `serve`) filed meanwhile is left alone.
 pub fn map_received(
     conn: &mut Connection,
     mappings: &[Mapping],
     now: DateTime<Utc>,
 ) -> anyhow::Result<MapReport> {
     let mut report = MapReport::default();
+    let mut after = 0i64;
     loop {
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let events = deliveries::received_events(&tx, CHUNK)?;
-        if events.is_empty() {
+        let events = deliveries::received_events(conn, after, CHUNK)?;
+        let Some(last) = events.last() else {
             break;
-        }
+        };
+        after = last.id;
+        let outcomes = events
+            .iter()
+            .map(|e| map_event(e, mappings))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut rows = Vec::new();
-        for event in &events {
-            report.events += 1;
-            let raw: Value = serde_json::from_str(&event.raw).unwrap_or(Value::Null);
-            match crate::segment::stored_membership(&raw) {
-                Ok(Some(change)) => {
-                    crate::store::audiences::record_membership(&tx, &change, now)?;
-                    deliveries::set_event_status(&tx, event.id, "membership")?;
-                    report.memberships += 1;
-                    continue;
-                }
-                Ok(None) => {}
-                // checked at ingest; a stored message cannot fail here, but if
-                // it does it is mapped like any other event
-                Err(_) => {}
-            }
-            let mapped = map_message(mappings, &raw);
-            if mapped.is_empty() {
-                deliveries::set_event_status(&tx, event.id, "skipped")?;
-                report.skipped += 1;
+        for (event, outcome) in events.iter().zip(outcomes) {
+            let status = match &outcome {
+                Outcome::Membership(_) => "membership",
+                Outcome::Skipped => "skipped",
+                Outcome::Mapped(_) => "mapped",
+            };
+            if !deliveries::file_event(&tx, event.id, status)? {
                 continue;
             }
-            for m in mapped {
-                let key = event_idempotency_key(&event.write_key, &event.message_id, &m.mapping);
-                let row = match m.result {
-                    Ok(schematic_event) => NewDelivery {
-                        kind: schematic_event.kind.as_str(),
-                        idempotency_key: key,
-                        payload: Some(serde_json::to_string(&schematic_event)?),
-                        error: None,
-                        event_id: Some(event.id),
-                        mapping: Some(m.mapping),
-                        audience_key: None,
-                        user_id: None,
-                        sync_run_id: None,
-                    },
-                    Err(reason) => {
-                        report.invalid += 1;
-                        let kind = mappings
-                            .iter()
-                            .find(|x| x.name == m.mapping)
-                            .map_or("track", |x| x.action.as_str());
-                        NewDelivery {
-                            kind,
-                            idempotency_key: key,
-                            payload: None,
-                            error: Some(format!("mapping failed: {reason}")),
-                            event_id: Some(event.id),
-                            mapping: Some(m.mapping),
-                            audience_key: None,
-                            user_id: None,
-                            sync_run_id: None,
-                        }
-                    }
-                };
-                rows.push(row);
+            report.events += 1;
+            match outcome {
+                Outcome::Membership(change) => {
+                    crate::store::audiences::record_membership(&tx, &change, now)?;
+                    report.memberships += 1;
+                }
+                Outcome::Skipped => report.skipped += 1,
+                Outcome::Mapped(mut deliveries) => {
+                    report.invalid += deliveries.iter().filter(|d| d.payload.is_none()).count();
+                    rows.append(&mut deliveries);
+                }
             }
-            deliveries::set_event_status(&tx, event.id, "mapped")?;
         }
         report.deliveries += deliveries::insert(&tx, &rows, now)?;
         tx.commit()?;

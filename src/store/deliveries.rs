@@ -70,13 +70,17 @@ pub struct ReceivedEvent {
     pub raw: String,
 }
 
-/// The oldest events still in `received`, in arrival order.
-pub fn received_events(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<ReceivedEvent>> {
+/// The oldest events still in `received` after id `after`, in arrival order.
+pub fn received_events(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<ReceivedEvent>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, message_id, write_key, raw FROM events
-         WHERE status = 'received' ORDER BY id LIMIT ?1",
+         WHERE status = 'received' AND id > ?1 ORDER BY id LIMIT ?2",
     )?;
-    let rows = stmt.query_map([limit as i64], |r| {
+    let rows = stmt.query_map(params![after, limit as i64], |r| {
         Ok(ReceivedEvent {
             id: r.get(0)?,
             message_id: r.get(1)?,
@@ -87,10 +91,12 @@ pub fn received_events(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<
     rows.collect()
 }
 
-pub fn set_event_status(conn: &Connection, event_id: i64, status: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE events SET status = ?2 WHERE id = ?1")?
+/// Moves an event out of `received`; false when another mapper already did.
+pub fn file_event(conn: &Connection, event_id: i64, status: &str) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached("UPDATE events SET status = ?2 WHERE id = ?1 AND status = 'received'")?
         .execute(params![event_id, status])?;
-    Ok(())
+    Ok(n == 1)
 }
 
 /// A delivery the worker holds under a lease.
@@ -105,10 +111,20 @@ pub struct ClaimedDelivery {
     pub user_id: Option<String>,
 }
 
-/// Makes deliveries whose lease expired (the worker crashed) due again.
+/// Makes deliveries whose lease expired (the worker crashed) due again. An
+/// audience value whose pair has a newer delivery is superseded instead, as
+/// `record` does when an answer comes back: back in `pending` it would be
+/// claimed together with the newer value (the in-flight check of `claim`
+/// sees neither in flight) and sent alongside it, so the stale value could
+/// land last (SPEC 5, newest wins).
 pub fn release_expired_leases(conn: &Connection, now: DateTime<Utc>) -> rusqlite::Result<usize> {
     conn.prepare_cached(
-        "UPDATE deliveries SET state = 'pending', lease_until = NULL
+        "UPDATE deliveries SET lease_until = NULL,
+             state = CASE WHEN audience_key IS NOT NULL AND EXISTS (
+                              SELECT 1 FROM deliveries AS n
+                              WHERE n.audience_key = deliveries.audience_key
+                                AND n.user_id = deliveries.user_id AND n.id > deliveries.id)
+                          THEN 'superseded' ELSE 'pending' END
          WHERE state = 'in_flight' AND lease_until < ?1",
     )?
     .execute([time_text(now)])
@@ -471,4 +487,64 @@ pub fn set_worker_state(conn: &Connection, key: &str, value: Option<&str>) -> ru
         None => conn.execute("DELETE FROM worker_state WHERE key = ?1", [key])?,
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn audience_delivery(user: &str, key: &str) -> NewDelivery {
+        NewDelivery {
+            kind: "identify",
+            idempotency_key: key.to_string(),
+            payload: Some("{}".to_string()),
+            error: None,
+            event_id: None,
+            mapping: None,
+            audience_key: Some("aud".to_string()),
+            user_id: Some(user.to_string()),
+            sync_run_id: None,
+        }
+    }
+
+    #[test]
+    fn an_expired_stale_audience_value_is_superseded_not_sent_with_the_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store {
+            path: dir.path().join("d.db"),
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        let conn = store.open_and_migrate().unwrap();
+        let t0 = Utc::now();
+        let later = |s: i64| t0 + chrono::Duration::seconds(s);
+        insert(
+            &conn,
+            &[
+                audience_delivery("u", "old"),
+                audience_delivery("v", "only"),
+            ],
+            t0,
+        )
+        .unwrap();
+        // a worker claims both and dies; meanwhile a sync enqueues u's newer value
+        assert_eq!(claim(&conn, later(1), later(2), 10).unwrap().len(), 2);
+        insert(&conn, &[audience_delivery("u", "new")], later(1)).unwrap();
+        assert!(claim(&conn, later(1), later(2), 10).unwrap().is_empty());
+        // the leases expire: u's old value gives way, v's only value is due again
+        assert_eq!(release_expired_leases(&conn, later(3)).unwrap(), 2);
+        let claimed: Vec<String> = claim(&conn, later(3), later(4), 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.idempotency_key)
+            .collect();
+        assert_eq!(claimed, vec!["only".to_string(), "new".to_string()]);
+        let old: String = conn
+            .query_row(
+                "SELECT state FROM deliveries WHERE idempotency_key = 'old'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, "superseded");
+    }
 }
