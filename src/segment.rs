@@ -3,7 +3,7 @@
 //! recognised (SPEC 2.2). Pure functions over `serde_json::Value`; the HTTP
 //! layer and the NDJSON backfill both go through `prepare`.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::store::time_text;
@@ -250,7 +250,16 @@ fn event_time(
             .transpose()?,
     };
     match (time_field(msg, "originalTimestamp")?, sent_at) {
-        (Some(original), Some(sent)) => Ok(received_at - (sent - original)),
+        (Some(original), Some(sent)) => received_at
+            .checked_sub_signed(sent - original)
+            .filter(in_iso_range)
+            .ok_or_else(|| {
+                format!(
+                    "the event time corrected for clock skew (receivedAt - (sentAt - originalTimestamp)) is out of range: sentAt {} and originalTimestamp {} are too far apart",
+                    time_text(sent),
+                    time_text(original)
+                )
+            }),
         (Some(original), None) => Ok(original),
         (None, _) => Ok(received_at),
     }
@@ -269,15 +278,24 @@ fn time_field(msg: &Map<String, Value>, field: &str) -> Result<Option<DateTime<U
     }
 }
 
-/// RFC 3339 with any offset, or a date-time without offset taken as UTC.
+/// RFC 3339 with any offset, or a date-time without offset taken as UTC;
+/// in UTC, the year must be 0000 to 9999 (see `in_iso_range`).
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
-        return Some(t.with_timezone(&Utc));
+        return Some(t.with_timezone(&Utc)).filter(in_iso_range);
     }
     ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
         .iter()
         .find_map(|f| NaiveDateTime::parse_from_str(s.trim(), f).ok())
         .map(|t| t.and_utc())
+        .filter(in_iso_range)
+}
+
+/// Years 0000 to 9999: what a four-digit ISO 8601 / RFC 3339 year holds, so
+/// the stored `timestamp` reads back (`%Y` alone also accepts signed,
+/// expanded years such as `+262142`, whose skew correction overflows).
+fn in_iso_range(t: &DateTime<Utc>) -> bool {
+    (0..=9999).contains(&t.year())
 }
 
 /// The membership change a stored message carries, if any (the mapper reads
@@ -499,5 +517,63 @@ mod tests {
         )
         .membership
         .is_none());
+    }
+
+    /// Found by `fuzz/fuzz_targets/message.rs`: a batch whose `sentAt` is
+    /// far from its items' `originalTimestamp` was accepted with a
+    /// skew-corrected event time before year 0, stored as
+    /// "-0042-01-01T11:59:58.000Z", which is not RFC 3339, so the mappings
+    /// silently fell back to `receivedAt`.
+    #[test]
+    fn skew_correction_out_of_range_is_refused_regression() {
+        let body = br#"{"batch":[{"type":"identify","userId":"019mr8mf4r","trait":"019mr8mf4r","event":"Song Played","properties":{"name":"Fallin for You","artist":"Dieoss Bentle{"},"timestamp":"2012-12-02T00:30:12.984Z"},{"type":"page","anonymousId":"a5b1","name":"Docs","properties":{"path":"/docs"},"originalTimestamp":"2012-12-02T00:30:11.000Z"}],"context":{"library":{"name":"analytics-python","version":"2.2.2"}},"integrations":{"All":true},"sentAt":"4080-12-02T00:30:13.000Z","writeKey":"YOUR_WRITE_KEY"}"#;
+        let envelope: Value = serde_json::from_slice(body).unwrap();
+        let env = Envelope {
+            context: envelope["context"].as_object(),
+            integrations: envelope["integrations"].as_object(),
+            sent_at: envelope["sentAt"].as_str(),
+        };
+        let received = at("2026-01-01T12:00:00Z");
+        let items = envelope["batch"].as_array().unwrap();
+        // The item with its own `timestamp` needs no correction.
+        let first = prepare(items[0].clone(), None, &env, received).unwrap();
+        assert_eq!(first.raw["timestamp"], "2012-12-02T00:30:12.984Z");
+        let e = prepare(items[1].clone(), None, &env, received).unwrap_err();
+        assert!(
+            e.contains("clock skew") && e.contains("out of range"),
+            "{e}"
+        );
+        // Accepted skew still works up to the edge of the range.
+        let p = ok(
+            json!({"userId": "u", "originalTimestamp": "2000-01-01T00:00:00Z", "sentAt": "2024-01-01T00:00:10Z"}),
+            Some(MessageType::Identify),
+        );
+        assert_eq!(p.raw["timestamp"], "2000-01-01T00:00:00.000Z");
+    }
+
+    /// Found by reading the same fuzz crash: `%Y` also parses signed,
+    /// expanded years, and skew correction between two such times overflowed
+    /// chrono's range and panicked (`DateTime - TimeDelta overflowed`) inside
+    /// the ingest handler.
+    #[test]
+    fn expanded_years_are_refused_not_panicking_regression() {
+        let huge = json!({"userId": "u", "originalTimestamp": "-262143-01-01T00:00:00", "sentAt": "+262142-01-01T00:00:00"});
+        assert!(err(huge, Some(MessageType::Identify)).contains("not an ISO 8601 date"));
+        for stamp in [
+            "+12345-01-01T00:00:00",
+            "-0001-12-31T00:00:00",
+            "10000-01-01 00:00:00",
+        ] {
+            let e = err(
+                json!({"userId": "u", "timestamp": stamp}),
+                Some(MessageType::Identify),
+            );
+            assert!(e.contains("not an ISO 8601 date"), "{stamp}: {e}");
+        }
+        assert_eq!(
+            parse_time("9999-12-31T23:59:59.999Z"),
+            Some(at("9999-12-31T23:59:59.999Z"))
+        );
+        assert!(parse_time("0000-01-01T00:00:00").is_some());
     }
 }
