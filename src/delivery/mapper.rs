@@ -60,11 +60,19 @@ fn map_event(event: &ReceivedEvent, mappings: &[Mapping]) -> anyhow::Result<Outc
     }
     let mut rows = Vec::with_capacity(mapped.len());
     for m in mapped {
-        let idempotency_key = event_idempotency_key(&event.write_key, &event.message_id, &m.mapping);
+        let idempotency_key =
+            event_idempotency_key(&event.write_key, &event.message_id, &m.mapping);
         let (kind, payload, error) = match m.result {
-            Ok(schematic_event) => (schematic_event.kind.as_str(), Some(serde_json::to_string(&schematic_event)?), None),
+            Ok(schematic_event) => (
+                schematic_event.kind.as_str(),
+                Some(serde_json::to_string(&schematic_event)?),
+                None,
+            ),
             Err(reason) => {
-                let kind = mappings.iter().find(|x| x.name == m.mapping).map_or("track", |x| x.action.as_str());
+                let kind = mappings
+                    .iter()
+                    .find(|x| x.name == m.mapping)
+                    .map_or("track", |x| x.action.as_str());
                 (kind, None, Some(format!("mapping failed: {reason}")))
             }
         };
