@@ -20,8 +20,11 @@ CREATE TABLE audience_members (
 ) WITHOUT ROWID;
 
 -- the pairs a sync has to send: members not synced as members, and synced
--- members who left; the diff walks only this index
-CREATE INDEX audience_members_changed ON audience_members (audience_key, user_id)
+-- members who left; the diff walks only this index. It covers the columns the
+-- diff reads (desired, synced), so walking it never visits the table, and the
+-- diff queries name it (INDEXED BY): without statistics the planner would
+-- otherwise prefer the primary key and scan every pair of the audience.
+CREATE INDEX audience_members_changed ON audience_members (audience_key, user_id, desired, synced)
     WHERE (desired = 1 AND synced IS NOT 1) OR (desired = 0 AND synced = 1);
 
 -- one row per sync run and audience

@@ -11,7 +11,6 @@ use rusqlite::Connection;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::delivery::mapper::hex;
 use crate::schematic::event::{format_sent_at, IdentifyBody, SchematicEvent};
 use crate::store::audiences::{self, MemberChange};
 use crate::store::deliveries::{self, NewDelivery};
@@ -19,6 +18,12 @@ use crate::store::time_text;
 
 /// Pairs per transaction.
 const CHUNK: usize = 5000;
+
+/// SQLite page cache for the connection while it syncs, KiB. A chunk dirties
+/// about a thousand pages (deliveries, audience_members and their indexes);
+/// with the default cache (2 MiB) they spill to the WAL before the commit and
+/// are read back. The previous size is restored when the sync ends.
+const SYNC_CACHE_KIB: i64 = 16 * 1024;
 
 /// The identify that sets one audience trait of one user.
 pub fn membership_event(
@@ -45,18 +50,49 @@ pub fn membership_event(
 
 /// Stable for (audience, user, value, sync run): a retried or replayed
 /// delivery keeps it; a later run sending the same value gets a new one.
+///
+/// `aud_<run>_<user prefix>-<hash>`, at most 95 characters: the run in hex
+/// led by its digit count less one (one hex digit), the first 16 bytes of the
+/// user id in hex, and 40 hex digits of SHA-256 over audience, user, value
+/// and run, which make the key unique. The first two parts put keys in the
+/// order a sync enqueues them (runs in id order, each run's pairs in
+/// `user_id` order: hex keeps byte order and `-` sorts below every hex
+/// digit), so the unique index on `deliveries.idempotency_key` grows at its
+/// end. With a random key each of a million inserts lands on a random page
+/// of that index, and every chunk's commit rewrites thousands of its pages.
 pub fn audience_idempotency_key(audience: &str, user_id: &str, member: bool, run: i64) -> String {
     let mut h = Sha256::new();
     for part in [
-        audience,
-        user_id,
-        if member { "1" } else { "0" },
-        &run.to_string(),
+        audience.as_bytes(),
+        user_id.as_bytes(),
+        if member { b"1" } else { b"0" },
     ] {
-        h.update(part.as_bytes());
+        h.update(part);
         h.update([0u8]);
     }
-    format!("aud_{}", hex(&h.finalize()[..20]))
+    h.update(run.to_be_bytes());
+    let run_hex = format!("{run:x}");
+    let prefix = &user_id.as_bytes()[..user_id.len().min(KEY_USER_PREFIX)];
+    let mut key = String::with_capacity(6 + run_hex.len() + 2 * prefix.len() + 1 + 40);
+    key.push_str("aud_");
+    key.push(char::from_digit(run_hex.len() as u32 - 1, 16).unwrap_or('f'));
+    key.push_str(&run_hex);
+    key.push('_');
+    push_hex(&mut key, prefix);
+    key.push('-');
+    push_hex(&mut key, &h.finalize()[..20]);
+    key
+}
+
+/// Bytes of the user id that lead an audience idempotency key.
+const KEY_USER_PREFIX: usize = 16;
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
 }
 
 /// What a sync of one audience did (or, dry, would do).
@@ -113,6 +149,8 @@ pub fn sync(
         run_id: Some(run),
         ..Default::default()
     };
+    let cache_before: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;
+    conn.execute_batch(&format!("PRAGMA cache_size = -{SYNC_CACHE_KIB}"))?;
     let result = (|| -> anyhow::Result<()> {
         let mut after: Option<String> = None;
         loop {
@@ -153,8 +191,8 @@ pub fn sync(
                     user_id: Some(user_id.clone()),
                     sync_run_id: Some(run),
                 });
-                audiences::mark_synced(&tx, audience, user_id, *member, &now_text)?;
             }
+            audiences::mark_chunk_synced(&tx, audience, full, &chunk, &now_text)?;
             let enqueued = deliveries::insert(&tx, &rows, now)? as i64;
             audiences::add_to_run(&tx, run, added, removed, enqueued)?;
             tx.commit()?;
@@ -177,9 +215,11 @@ pub fn sync(
         }
         Ok(())
     })();
+    let restored = conn.execute_batch(&format!("PRAGMA cache_size = {cache_before}"));
     let error = result.as_ref().err().map(|e| format!("{e:#}"));
     audiences::finish_run(conn, run, audience, error.as_deref(), Utc::now())?;
     result?;
+    restored?;
     Ok(outcome)
 }
 
@@ -207,6 +247,45 @@ mod tests {
         assert_ne!(a, audience_idempotency_key("aud", "u", false, 1));
         assert_ne!(a, audience_idempotency_key("aud", "u", true, 2));
         assert!(a.len() <= 255);
+        let long = "x".repeat(300);
+        assert_eq!(audience_idempotency_key("aud", &long, true, 1).len(), 80);
+        assert_eq!(
+            audience_idempotency_key("aud", &long, true, i64::MAX).len(),
+            95
+        );
+        assert_ne!(
+            audience_idempotency_key("aud", &long, true, 1),
+            audience_idempotency_key("aud", &format!("{long}y"), true, 1),
+            "the hash covers the whole user id"
+        );
+    }
+
+    #[test]
+    fn idempotency_keys_sort_in_enqueue_order() {
+        // a sync enqueues in (run, user_id) order: the keys follow it, so
+        // the unique index on them is appended to
+        let users = [
+            "a",
+            "ab",
+            "abc",
+            "b",
+            "user-0000001",
+            "user-0000002",
+            "\u{e9}",
+        ];
+        let mut keys: Vec<String> = [1, 2, 15, 16, 300, 1 << 40]
+            .iter()
+            .flat_map(|&run| {
+                users
+                    .iter()
+                    .map(move |u| audience_idempotency_key("aud", u, run % 2 == 0, run))
+            })
+            .collect();
+        let enqueued = keys.clone();
+        keys.sort();
+        assert_eq!(keys, enqueued);
+        assert!(enqueued[0].starts_with("aud_01_61-"), "{}", enqueued[0]);
+        assert!(enqueued[enqueued.len() - 1].starts_with("aud_a10000000000_"));
     }
 
     fn store() -> (tempfile::TempDir, Connection) {
@@ -226,6 +305,37 @@ mod tests {
             member,
         };
         audiences::record_membership(conn, &change, Utc::now()).unwrap();
+    }
+
+    #[test]
+    fn sparse_and_dense_chunks_are_marked_alike() {
+        let (_dir, mut conn) = store();
+        let user = |n: usize| format!("u{n:03}");
+        for n in 0..100 {
+            set(&conn, &user(n), true);
+        }
+        // dense: every pair of the range is in the chunk
+        let first = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!((first.added, first.removed), (100, 0));
+        // sparse: three changes spread over the range of a hundred pairs
+        set(&conn, &user(10), false);
+        set(&conn, &user(50), false);
+        set(&conn, &user(500), true);
+        let second = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!((second.added, second.removed), (1, 2));
+        assert_eq!(second.sample_removed, vec![user(10), user(50)]);
+        let third = sync(&mut conn, "Power Users", "userId", false).unwrap();
+        assert_eq!(third.enqueued, 0, "every pair was marked synced");
+        let full = sync(&mut conn, "Power Users", "userId", true).unwrap();
+        assert_eq!((full.added, full.removed), (99, 2));
+        let synced: Vec<(String, i64)> = conn
+            .prepare("SELECT user_id, synced FROM audience_members WHERE desired != synced OR synced IS NULL")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(synced.is_empty(), "{synced:?}");
     }
 
     #[test]

@@ -44,8 +44,10 @@ pub struct MemberChange {
 }
 
 /// The next `limit` pairs of an audience to send, walking the partial index
-/// `audience_members_changed`. With `after` (keyset) for `--full`, every
-/// pair that has a state worth sending is returned instead.
+/// `audience_members_changed` (named with `INDEXED BY`: left to itself the
+/// planner walks the primary key instead, which visits every pair synced so
+/// far on each chunk, quadratic over a sync). With `after` (keyset) for
+/// `--full`, every pair that has a state worth sending is returned instead.
 pub fn changes(
     conn: &Connection,
     audience: &str,
@@ -54,7 +56,7 @@ pub fn changes(
 ) -> rusqlite::Result<Vec<MemberChange>> {
     let sql = match full_after {
         None => {
-            "SELECT user_id, desired, synced FROM audience_members
+            "SELECT user_id, desired, synced FROM audience_members INDEXED BY audience_members_changed
              WHERE audience_key = ?1 AND ((desired = 1 AND synced IS NOT 1) OR (desired = 0 AND synced = 1))
              ORDER BY user_id LIMIT ?2"
         }
@@ -94,6 +96,64 @@ pub fn mark_synced(
     Ok(())
 }
 
+/// Marks a chunk that `changes` returned synced at its desired state. The
+/// chunk is a prefix, in `user_id` order, of the pairs matching its filter
+/// (the caller read it in the same write transaction), so in its range of
+/// user ids exactly its pairs match. A dense range (a first sync, a big
+/// change) is updated by one statement walking the primary key; a range that
+/// also spans many pairs not in the chunk (a few changes spread over a big
+/// audience) is updated pair by pair instead, so the cost stays in proportion
+/// to the chunk either way.
+pub fn mark_chunk_synced(
+    conn: &Connection,
+    audience: &str,
+    full: bool,
+    chunk: &[MemberChange],
+    now: &str,
+) -> rusqlite::Result<()> {
+    let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+        return Ok(());
+    };
+    let dense_limit = 2 * chunk.len();
+    let span: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM (SELECT 1 FROM audience_members
+             WHERE audience_key = ?1 AND user_id BETWEEN ?2 AND ?3 LIMIT ?4)",
+        )?
+        .query_row(
+            params![
+                audience,
+                first.user_id,
+                last.user_id,
+                dense_limit as i64 + 1
+            ],
+            |r| r.get(0),
+        )?;
+    if span as usize > dense_limit {
+        for c in chunk {
+            mark_synced(conn, audience, &c.user_id, c.member, now)?;
+        }
+        return Ok(());
+    }
+    let sql = if full {
+        "UPDATE audience_members NOT INDEXED SET synced = desired, synced_at = ?4
+         WHERE audience_key = ?1 AND user_id BETWEEN ?2 AND ?3
+           AND (desired = 1 OR synced IS NOT NULL)"
+    } else {
+        "UPDATE audience_members NOT INDEXED SET synced = desired, synced_at = ?4
+         WHERE audience_key = ?1 AND user_id BETWEEN ?2 AND ?3
+           AND ((desired = 1 AND synced IS NOT 1) OR (desired = 0 AND synced = 1))"
+    };
+    let marked =
+        conn.prepare_cached(sql)?
+            .execute(params![audience, first.user_id, last.user_id, now])?;
+    if marked != chunk.len() {
+        // not the chunk that was read: roll the transaction back
+        return Err(rusqlite::Error::StatementChangedRows(marked));
+    }
+    Ok(())
+}
+
 /// Supersedes every undelivered delivery of a pair (pending or failed); one
 /// in flight is superseded when its answer comes back (see `deliveries::record`).
 pub fn supersede_pair(conn: &Connection, audience: &str, user_id: &str) -> rusqlite::Result<usize> {
@@ -107,7 +167,8 @@ pub fn supersede_pair(conn: &Connection, audience: &str, user_id: &str) -> rusql
 /// Counts of what a sync would send: (added, removed).
 pub fn diff_counts(conn: &Connection, audience: &str) -> rusqlite::Result<(i64, i64)> {
     conn.query_row(
-        "SELECT coalesce(sum(desired = 1), 0), coalesce(sum(desired = 0), 0) FROM audience_members
+        "SELECT coalesce(sum(desired = 1), 0), coalesce(sum(desired = 0), 0)
+         FROM audience_members INDEXED BY audience_members_changed
          WHERE audience_key = ?1 AND ((desired = 1 AND synced IS NOT 1) OR (desired = 0 AND synced = 1))",
         [audience],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -122,7 +183,7 @@ pub fn diff_sample(
     limit: usize,
 ) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT user_id FROM audience_members
+        "SELECT user_id FROM audience_members INDEXED BY audience_members_changed
          WHERE audience_key = ?1 AND desired = ?2
            AND ((desired = 1 AND synced IS NOT 1) OR (desired = 0 AND synced = 1))
          ORDER BY user_id LIMIT ?3",
@@ -284,25 +345,40 @@ pub fn last_run_per_audience(conn: &Connection) -> rusqlite::Result<Vec<SyncRun>
     rows.collect()
 }
 
-/// Snapshot import, step 1: a temporary table of the snapshot's users.
+/// Snapshot import, step 1: a temporary table of the snapshot's users. It is
+/// filled in file order with no index (each line an append) and indexed once,
+/// by a sort, when complete (`snapshot_size`, `apply_snapshot`): a unique
+/// index kept while filling costs a random B-tree insert per line whenever
+/// the export is not sorted by user id, which spills the temporary page cache
+/// to disk long before a million users.
 pub fn begin_snapshot(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "DROP TABLE IF EXISTS temp.snapshot;
-         CREATE TEMP TABLE snapshot (user_id TEXT PRIMARY KEY) WITHOUT ROWID;",
+         CREATE TEMP TABLE snapshot (user_id TEXT NOT NULL);",
     )
 }
 
 pub fn add_to_snapshot(conn: &Connection, user_ids: &[String]) -> rusqlite::Result<()> {
-    let mut stmt =
-        conn.prepare_cached("INSERT OR IGNORE INTO temp.snapshot (user_id) VALUES (?1)")?;
+    let mut stmt = conn.prepare_cached("INSERT INTO temp.snapshot (user_id) VALUES (?1)")?;
     for id in user_ids {
         stmt.execute([id])?;
     }
     Ok(())
 }
 
+/// Indexes the complete snapshot (once; a line listed twice counts once).
+fn index_snapshot(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS temp.snapshot_user ON snapshot (user_id)")
+}
+
+/// Distinct users in the snapshot.
 pub fn snapshot_size(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT count(*) FROM temp.snapshot", [], |r| r.get(0))
+    index_snapshot(conn)?;
+    conn.query_row(
+        "SELECT count(*) FROM (SELECT DISTINCT user_id FROM temp.snapshot)",
+        [],
+        |r| r.get(0),
+    )
 }
 
 /// Snapshot import, step 2: the snapshot becomes the desired membership of
@@ -314,10 +390,13 @@ pub fn apply_snapshot(
     now: DateTime<Utc>,
 ) -> rusqlite::Result<(usize, usize)> {
     ensure_audience(conn, audience, now)?;
+    index_snapshot(conn)?;
     let now = time_text(now);
+    // in user id order (the index), so members are inserted in key order; a
+    // user listed twice finds itself already a member the second time
     let joined = conn.execute(
         "INSERT INTO audience_members (audience_key, user_id, desired, desired_at)
-         SELECT ?1, user_id, 1, ?2 FROM temp.snapshot WHERE true
+         SELECT ?1, user_id, 1, ?2 FROM temp.snapshot WHERE true ORDER BY user_id
          ON CONFLICT (audience_key, user_id) DO UPDATE SET desired = 1, desired_at = excluded.desired_at
          WHERE desired = 0",
         params![audience, now],
