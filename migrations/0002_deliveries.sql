@@ -2,9 +2,9 @@
 -- mapping (event_id, mapping) or from an audience sync (audience_key, user_id).
 CREATE TABLE deliveries (
     id               INTEGER PRIMARY KEY,
-    kind             TEXT NOT NULL CHECK (kind IN ('track','identify')),
+    kind             TEXT NOT NULL CHECK (kind = 'track' OR kind = 'identify'),
     state            TEXT NOT NULL DEFAULT 'pending'
-                     CHECK (state IN ('pending','in_flight','delivered','failed','superseded')),
+                     CHECK (state = 'pending' OR state = 'in_flight' OR state = 'delivered' OR state = 'failed' OR state = 'superseded'),
     attempts         INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  TEXT NOT NULL,
     lease_until      TEXT,

@@ -12,9 +12,9 @@ CREATE TABLE audiences (
 CREATE TABLE audience_members (
     audience_key TEXT NOT NULL REFERENCES audiences (key),
     user_id      TEXT NOT NULL,
-    desired      INTEGER NOT NULL CHECK (desired IN (0, 1)),
+    desired      INTEGER NOT NULL CHECK (desired = 0 OR desired = 1),
     desired_at   TEXT NOT NULL,
-    synced       INTEGER CHECK (synced IN (0, 1)),
+    synced       INTEGER CHECK (synced = 0 OR synced = 1),
     synced_at    TEXT,
     PRIMARY KEY (audience_key, user_id)
 ) WITHOUT ROWID;
