@@ -66,7 +66,10 @@ fn metrics_health_and_logs_tell_what_happens_without_leaking_the_key() {
     assert!(mock.wait_for_events(3, Duration::from_secs(10)));
     assert!(eventually(Duration::from_secs(10), || env.count(
         "SELECT count(*) FROM deliveries WHERE state = 'failed'"
-    ) == 1));
+    ) == 1
+        && env.count(
+            "SELECT count(*) FROM deliveries WHERE state = 'delivered'"
+        ) == 3));
 
     let text = client
         .get(daemon.url("/metrics"))

@@ -178,6 +178,20 @@ impl Worker {
             .await
     }
 
+    /// Rows claimed per round: one batch while probing, else one per sender.
+    fn round_limit(&self, probing: bool) -> usize {
+        if probing {
+            self.settings.batch_size
+        } else {
+            self.settings.batch_size * self.settings.concurrency
+        }
+    }
+
+    async fn claim_due(&self, limit: usize) -> anyhow::Result<Vec<ClaimedDelivery>> {
+        let lease = self.settings.lease;
+        self.db(move |c| claim_due(c, lease, limit)).await
+    }
+
     /// One drain pass: map, then send every due delivery, until none is due,
     /// sending is paused, a `Retry-After` says wait, or `stop` turns true.
     pub async fn drain(&self, stop: &watch::Receiver<bool>) -> anyhow::Result<DrainReport> {
@@ -207,43 +221,45 @@ impl Worker {
         }
         // While paused, each pass sends one batch as a probe of the key.
         let mut probing = paused.is_some();
-        loop {
-            if *stop.borrow() {
-                break;
-            }
-            let now = Utc::now();
-            let limit = if probing {
-                self.settings.batch_size
-            } else {
-                self.settings.batch_size * self.settings.concurrency
-            };
-            let lease_until = now
-                + chrono::Duration::from_std(self.settings.lease)
-                    .unwrap_or(chrono::Duration::seconds(60));
-            let claimed = self
-                .db(move |c| {
-                    deliveries::release_expired_leases(c, now)?;
-                    Ok(deliveries::claim(c, now, lease_until, limit)?)
-                })
-                .await?;
-            if claimed.is_empty() {
-                break;
-            }
+        // Pipelined: while round k's requests are out, the store records round
+        // k-1 and claims round k+1 (round k's rows stay in flight meanwhile, so
+        // nothing is claimed twice). A probe, and a round whose answers pause
+        // or throttle sending, is recorded before anything else happens, and
+        // the rows claimed ahead are released unsent.
+        let mut claimed = if *stop.borrow() {
+            Vec::new()
+        } else {
+            self.claim_due(self.round_limit(probing)).await?
+        };
+        let mut unrecorded: Vec<AttemptRecord> = Vec::new();
+        while !claimed.is_empty() && !*stop.borrow() {
             let mut senders = JoinSet::new();
             for chunk in claimed.chunks(self.settings.batch_size) {
                 senders.spawn(send_with_split(context.clone(), chunk.to_vec()));
             }
-            let mut records = Vec::with_capacity(claimed.len());
-            let mut flags = RoundFlags::default();
-            while let Some(joined) = senders.join_next().await {
-                let (batch_records, batch_flags) = joined.context("a batch sender panicked")?;
-                records.extend(batch_records);
-                flags.requests += batch_flags.requests;
-                flags.any_success |= batch_flags.any_success;
-                flags.paused = flags.paused.or(batch_flags.paused);
-                flags.throttled_until = flags.throttled_until.max(batch_flags.throttled_until);
-            }
+            claimed.clear();
+            let previous = std::mem::take(&mut unrecorded);
+            let ahead = (!probing).then(|| self.round_limit(false));
+            let lease = self.settings.lease;
+            let store_work = self.db(move |c| {
+                if !previous.is_empty() {
+                    deliveries::record(c, &previous)?;
+                }
+                match ahead {
+                    Some(limit) => claim_due(c, lease, limit),
+                    None => Ok(Vec::new()),
+                }
+            });
+            let (joined, next) = tokio::join!(join_senders(senders), store_work);
+            let (mut records, flags) = joined?;
+            let next = next?;
             tally(&mut report, &records, flags.requests);
+            if !probing && flags.paused.is_none() && flags.throttled_until.is_none() {
+                unrecorded = records;
+                claimed = next;
+                continue;
+            }
+            records.extend(next.iter().map(|d| release(d.id)));
             let paused_reason = flags.paused.clone();
             let throttled = flags.throttled_until;
             let resumed = probing && flags.any_success;
@@ -280,9 +296,49 @@ impl Worker {
                 report.throttled_until = Some(until);
                 break;
             }
+            if !*stop.borrow() {
+                claimed = self.claim_due(self.round_limit(probing)).await?;
+            }
+        }
+        // The last round's results, and rows claimed ahead but not sent (stop).
+        let mut leftover = unrecorded;
+        leftover.extend(claimed.iter().map(|d| release(d.id)));
+        if !leftover.is_empty() {
+            self.db(move |c| Ok(deliveries::record(c, &leftover)?))
+                .await?;
         }
         Ok(report)
     }
+}
+
+/// Makes expired leases due again, then claims up to `limit` due rows.
+fn claim_due(
+    c: &mut Connection,
+    lease: Duration,
+    limit: usize,
+) -> anyhow::Result<Vec<ClaimedDelivery>> {
+    let now = Utc::now();
+    let lease_until =
+        now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+    deliveries::release_expired_leases(c, now)?;
+    Ok(deliveries::claim(c, now, lease_until, limit)?)
+}
+
+/// Waits for a round's batch senders: their records and merged flags.
+async fn join_senders(
+    mut senders: JoinSet<(Vec<AttemptRecord>, RoundFlags)>,
+) -> anyhow::Result<(Vec<AttemptRecord>, RoundFlags)> {
+    let mut records = Vec::new();
+    let mut flags = RoundFlags::default();
+    while let Some(joined) = senders.join_next().await {
+        let (batch_records, batch_flags) = joined.context("a batch sender panicked")?;
+        records.extend(batch_records);
+        flags.requests += batch_flags.requests;
+        flags.any_success |= batch_flags.any_success;
+        flags.paused = flags.paused.or(batch_flags.paused);
+        flags.throttled_until = flags.throttled_until.max(batch_flags.throttled_until);
+    }
+    Ok((records, flags))
 }
 
 fn tally(report: &mut DrainReport, records: &[AttemptRecord], requests: usize) {
