@@ -525,6 +525,7 @@ async fn db_claim(
             &c,
             now,
             now + chrono::Duration::from_std(LEASE)?,
+            now - chrono::Duration::from_std(LEASE)?,
             limit,
         )?)
     })
@@ -674,6 +675,7 @@ async fn run_pipelined(
                 &c,
                 now,
                 now + chrono::Duration::from_std(LEASE)?,
+                now - chrono::Duration::from_std(LEASE)?,
                 limit,
             )?)
         });
@@ -820,7 +822,8 @@ fn claim_round(
     deliveries::release_expired_leases(conn, now)?;
     let t1 = Instant::now();
     let lease_until = now + chrono::Duration::from_std(LEASE)?;
-    let claimed = deliveries::claim(conn, now, lease_until, limit)?;
+    let fence_since = now - chrono::Duration::from_std(LEASE)?;
+    let claimed = deliveries::claim(conn, now, lease_until, fence_since, limit)?;
     let t2 = Instant::now();
     let attempted_at = Utc::now();
     let records: Vec<AttemptRecord> = claimed
@@ -883,7 +886,8 @@ fn claim_plan(conn: &Connection, limit: usize) -> anyhow::Result<Vec<String>> {
             params![
                 schematic_sync::store::time_text(now),
                 schematic_sync::store::time_text(now + chrono::Duration::seconds(60)),
-                limit as i64
+                limit as i64,
+                schematic_sync::store::time_text(now - chrono::Duration::seconds(60))
             ],
             |r| {
                 Ok((

@@ -355,3 +355,38 @@ fn an_interrupted_sync_resumes_and_leaves_the_state_consistent() {
         env.query_strings("SELECT coalesce(finished_at, 'unfinished') FROM sync_runs ORDER BY id");
     assert_eq!(runs.len(), 2);
 }
+
+#[test]
+fn a_newer_value_waits_a_lease_after_a_stale_request_went_unanswered() {
+    let mock = MockSchematic::start(API_KEY);
+    // lease 4 s: a request the daemon gave up on (timeout 1 s) fences its pair for 4 s
+    let env = TestEnv::new(&format!(
+        "[schematic]\ncapture_url = {url:?}\ntimeout = \"1s\"\n\n[delivery]\nschedule = \"* * * * * *\"\nbackoff_base = \"50ms\"\nbackoff_max = \"100ms\"\nlease = \"4s\"\n",
+        url = mock.url()
+    ));
+    let file = env.dir.path().join("in.ndjson");
+    std::fs::write(&file, format!("{}\n", enter("slow"))).unwrap();
+    env.run(&["ingest", file.to_str().unwrap()]);
+    env.run(&["audiences", "sync"]);
+    // Schematic takes 3 s over the true; the daemon stops waiting after 1 s,
+    // but the true still lands, 2 s after the daemon gave up on it
+    mock.push_faults([Fault::Delay(Duration::from_secs(3))]);
+    let _daemon = env.start_with_env(&key_env());
+    assert!(mock.wait_for_requests(1, Duration::from_secs(10)));
+    std::fs::write(&file, format!("{}\n", json!({"type": "identify", "userId": "slow", "traits": {AUDIENCE: false}, "context": personas()}))).unwrap();
+    env.run(&["ingest", file.to_str().unwrap()]);
+    env.run(&["audiences", "sync"]);
+    assert!(eventually(Duration::from_secs(20), || {
+        trait_values(&mock, AUDIENCE)
+            .get("slow")
+            .is_some_and(|v| v.last() == Some(&false))
+            && env.count("SELECT count(*) FROM deliveries WHERE state IN ('pending','in_flight')")
+                == 0
+    }));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        trait_values(&mock, AUDIENCE)["slow"],
+        vec![true, false],
+        "the late true landed before the false"
+    );
+}

@@ -318,10 +318,10 @@ fn claim_due(
     limit: usize,
 ) -> anyhow::Result<Vec<ClaimedDelivery>> {
     let now = Utc::now();
-    let lease_until =
-        now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
+    let lease = chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(60));
     deliveries::release_expired_leases(c, now)?;
-    Ok(deliveries::claim(c, now, lease_until, limit)?)
+    // an unanswered audience request fences its pair for one lease
+    Ok(deliveries::claim(c, now, now + lease, now - lease, limit)?)
 }
 
 /// Waits for a round's batch senders: their records and merged flags.

@@ -133,11 +133,15 @@ pub fn release_expired_leases(conn: &Connection, now: DateTime<Utc>) -> rusqlite
 /// Claims up to `limit` due deliveries in `next_attempt_at` order, in one
 /// statement that walks the `deliveries_due` index. An audience pair with a
 /// delivery already in flight is skipped, so two values for one (audience,
-/// user) are never in flight together.
+/// user) are never in flight together. So is a pair whose older value's last
+/// request got no answer (timeout, dropped connection) after `fence_since`:
+/// Schematic may still be processing that request, and the newer value must
+/// not land before it.
 pub fn claim(
     conn: &Connection,
     now: DateTime<Utc>,
     lease_until: DateTime<Utc>,
+    fence_since: DateTime<Utc>,
     limit: usize,
 ) -> rusqlite::Result<Vec<ClaimedDelivery>> {
     let mut stmt = conn.prepare_cached(
@@ -148,13 +152,20 @@ pub fn claim(
                AND (d.audience_key IS NULL OR NOT EXISTS (
                      SELECT 1 FROM deliveries AS f
                      WHERE f.audience_key = d.audience_key AND f.user_id = d.user_id
-                       AND f.state = 'in_flight'))
+                       AND (f.state = 'in_flight'
+                            OR (f.id < d.id AND f.last_status IS NULL
+                                AND f.last_error IS NOT NULL AND f.last_attempt_at > ?4))))
              ORDER BY d.next_attempt_at, d.id
              LIMIT ?3)
          RETURNING id, idempotency_key, payload, attempts, first_attempt_at, audience_key, user_id",
     )?;
     let rows = stmt.query_map(
-        params![time_text(now), time_text(lease_until), limit as i64],
+        params![
+            time_text(now),
+            time_text(lease_until),
+            limit as i64,
+            time_text(fence_since)
+        ],
         |r| {
             Ok(ClaimedDelivery {
                 id: r.get(0)?,
@@ -527,12 +538,12 @@ mod tests {
         )
         .unwrap();
         // a worker claims both and dies; meanwhile a sync enqueues u's newer value
-        assert_eq!(claim(&conn, later(1), later(2), 10).unwrap().len(), 2);
+        assert_eq!(claim(&conn, later(1), later(2), t0, 10).unwrap().len(), 2);
         insert(&conn, &[audience_delivery("u", "new")], later(1)).unwrap();
-        assert!(claim(&conn, later(1), later(2), 10).unwrap().is_empty());
+        assert!(claim(&conn, later(1), later(2), t0, 10).unwrap().is_empty());
         // the leases expire: u's old value gives way, v's only value is due again
         assert_eq!(release_expired_leases(&conn, later(3)).unwrap(), 2);
-        let claimed: Vec<String> = claim(&conn, later(3), later(4), 10)
+        let claimed: Vec<String> = claim(&conn, later(3), later(4), t0, 10)
             .unwrap()
             .into_iter()
             .map(|d| d.idempotency_key)

@@ -169,7 +169,7 @@ mod tests {
             })
             .collect();
         deliveries::insert(&conn, &news, old).unwrap();
-        let claimed = deliveries::claim(&conn, Utc::now(), Utc::now(), 10).unwrap();
+        let claimed = deliveries::claim(&conn, Utc::now(), Utc::now(), Utc::now(), 10).unwrap();
         assert_eq!(claimed.len(), 3);
         let rec = |id: i64, resolution: Resolution, at: DateTime<Utc>| AttemptRecord {
             delivery_id: id,
