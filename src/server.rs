@@ -292,7 +292,7 @@ async fn run_retention(store: Store, retention: Duration, mut stop: watch::Recei
         })
         .await;
         match result {
-            Ok(Ok(swept)) if swept.deliveries + swept.events > 0 => {
+            Ok(Ok(swept)) if swept.deliveries + swept.events > 0 || swept.freed_pages > 0 => {
                 tracing::info!(
                     deliveries = swept.deliveries,
                     events = swept.events,
