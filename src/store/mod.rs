@@ -18,6 +18,9 @@ use rusqlite::Connection;
 
 use crate::config::{StoreConfig, Synchronous};
 
+/// Size the WAL file is truncated to after a checkpoint (64 MiB).
+pub const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
 /// How long a connection waits for another writer before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -88,6 +91,16 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> anyhow::Result<()> 
     let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
     if sync != synchronous.pragma_value() {
         anyhow::bail!("synchronous = {synchronous:?} did not take: reads back {sync}");
+    }
+    // After a checkpoint resets the WAL, truncate its file to this size, so a
+    // burst (a big purge, a vacuum) does not leave a huge WAL file behind.
+    let limit: i64 = conn.query_row(
+        &format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}"),
+        [],
+        |r| r.get(0),
+    )?;
+    if limit != WAL_SIZE_LIMIT {
+        anyhow::bail!("journal_size_limit did not take: reads back {limit}");
     }
     conn.execute_batch("PRAGMA foreign_keys = ON")?;
     let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;

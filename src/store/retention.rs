@@ -92,11 +92,21 @@ pub fn vacuum_free_pages(conn: &Connection) -> rusqlite::Result<i64> {
     let free_before: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
     let mut free = free_before;
     while free > 0 && started.elapsed() < VACUUM_BUDGET {
-        // execute_batch steps the pragma to completion (one step frees one page)
-        conn.execute_batch(&format!(
+        // the pragma moves one page per step of its statement: step it to
+        // the end so one short transaction moves the whole step
+        let mut stmt = conn.prepare(&format!(
             "PRAGMA incremental_vacuum({})",
             free.min(VACUUM_STEP)
         ))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        // checkpoint as we go, so the moved pages do not pile up in the WAL
+        let (busy, log, done): (i64, i64, i64) =
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        tracing::debug!(busy, log, done, "checkpoint after a vacuum step");
         let now: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
         if now >= free {
             break;
@@ -215,5 +225,9 @@ mod tests {
             swept.events, 1,
             "the failed row's event goes once the row is purged"
         );
+        let free: i64 = conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(free, 0, "freed pages are given back to the file system");
     }
 }
