@@ -519,17 +519,18 @@ async fn db_claim(
     let c = conn.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let c = c.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-        let now = Utc::now();
-        deliveries::release_expired_leases(&c, now)?;
-        Ok(deliveries::claim(
-            &c,
-            now,
-            now + chrono::Duration::from_std(LEASE)?,
-            now - chrono::Duration::from_std(LEASE)?,
-            limit,
-        )?)
+        claim_now(&c, limit)
     })
     .await?
+}
+
+/// `release_expired_leases` + `claim` on the calling thread, with the
+/// worker's lease and fence.
+fn claim_now(c: &Connection, limit: usize) -> anyhow::Result<Vec<deliveries::ClaimedDelivery>> {
+    let now = Utc::now();
+    let lease = chrono::Duration::from_std(LEASE)?;
+    deliveries::release_expired_leases(c, now)?;
+    Ok(deliveries::claim(c, now, now + lease, now - lease, limit)?)
 }
 
 async fn db_record(conn: &SharedConn, records: Vec<AttemptRecord>) -> anyhow::Result<()> {
@@ -669,15 +670,7 @@ async fn run_pipelined(
             if let Some(records) = previous {
                 deliveries::record(&mut c, &records)?;
             }
-            let now = Utc::now();
-            deliveries::release_expired_leases(&c, now)?;
-            Ok(deliveries::claim(
-                &c,
-                now,
-                now + chrono::Duration::from_std(LEASE)?,
-                now - chrono::Duration::from_std(LEASE)?,
-                limit,
-            )?)
+            claim_now(&c, limit)
         });
         let records = join_sends(senders).await?;
         events += records.len();
