@@ -203,7 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => {
             crate::logging::init(&config.log, Some("warn"));
-            status(&config, json)
+            crate::operations::status(&config, json)
         }
         Command::Drain { json } => {
             crate::logging::init(&config.log, Some("warn"));
@@ -370,8 +370,4 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-fn status(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
-    crate::operations::status(config, as_json)
 }

@@ -301,12 +301,9 @@ pub fn replay(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for c in &candidates {
         progress.inc(1);
-        if let (Some(audience), Some(user)) = (&c.audience_key, &c.user_id) {
-            if deliveries::has_newer_for_pair(&tx, c.id, audience, user)? {
-                deliveries::supersede(&tx, c.id)?;
-                superseded += 1;
-                continue;
-            }
+        if deliveries::supersede_if_stale(&tx, c.id)? {
+            superseded += 1;
+            continue;
         }
         let mut payload = None;
         if remap {

@@ -234,13 +234,6 @@ pub fn record(conn: &mut Connection, records: &[AttemptRecord]) -> rusqlite::Res
                  delivered_at = CASE WHEN ?2 = 'delivered' THEN ?4 ELSE delivered_at END
              WHERE id = ?1 AND state = 'in_flight'",
         )?;
-        let mut supersede_if_stale = tx.prepare_cached(
-            "UPDATE deliveries SET state = 'superseded', lease_until = NULL
-             WHERE id = ?1 AND state IN ('pending', 'failed') AND audience_key IS NOT NULL
-               AND EXISTS (SELECT 1 FROM deliveries AS n
-                           WHERE n.audience_key = deliveries.audience_key
-                             AND n.user_id = deliveries.user_id AND n.id > deliveries.id)",
-        )?;
         for r in records {
             let at = time_text(r.attempted_at);
             let (state, spent, next) = match &r.resolution {
@@ -277,26 +270,27 @@ pub fn record(conn: &mut Connection, records: &[AttemptRecord]) -> rusqlite::Res
             ) {
                 // newest wins: a stale audience value that comes back unsent
                 // gives way to the newer value of its pair
-                supersede_if_stale.execute([r.delivery_id])?;
+                supersede_if_stale(&tx, r.delivery_id)?;
             }
         }
     }
     tx.commit()
 }
 
-/// Whether a newer delivery exists for the same (audience, user).
-pub fn has_newer_for_pair(
-    conn: &Connection,
-    id: i64,
-    audience_key: &str,
-    user_id: &str,
-) -> rusqlite::Result<bool> {
-    conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM deliveries
-                        WHERE audience_key = ?2 AND user_id = ?3 AND id > ?1
-                          AND state IN ('pending','in_flight','delivered'))",
-    )?
-    .query_row(params![id, audience_key, user_id], |r| r.get(0))
+/// Newest wins: an unsent (pending or failed) audience value gives way to
+/// any newer delivery of its (audience, user). Returns whether it did. Used
+/// when an answer comes back and when a failed row is replayed.
+pub fn supersede_if_stale(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'superseded', lease_until = NULL
+             WHERE id = ?1 AND state IN ('pending', 'failed') AND audience_key IS NOT NULL
+               AND EXISTS (SELECT 1 FROM deliveries AS n
+                           WHERE n.audience_key = deliveries.audience_key
+                             AND n.user_id = deliveries.user_id AND n.id > deliveries.id)",
+        )?
+        .execute([id])?;
+    Ok(n == 1)
 }
 
 /// Counts per state, every state listed even when zero.
@@ -419,11 +413,8 @@ impl ReplayFilter {
 #[derive(Debug, Clone)]
 pub struct ReplayCandidate {
     pub id: i64,
-    pub payload: Option<String>,
     pub mapping: Option<String>,
     pub event_raw: Option<String>,
-    pub audience_key: Option<String>,
-    pub user_id: Option<String>,
 }
 
 pub fn replay_candidates(
@@ -432,7 +423,7 @@ pub fn replay_candidates(
 ) -> rusqlite::Result<Vec<ReplayCandidate>> {
     let (clause, args) = filter.where_clause();
     let sql = format!(
-        "SELECT d.id, d.payload, d.mapping, e.raw, d.audience_key, d.user_id
+        "SELECT d.id, d.mapping, e.raw
          FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
          WHERE d.id IN (SELECT id FROM deliveries WHERE {clause}) ORDER BY d.id"
     );
@@ -440,11 +431,8 @@ pub fn replay_candidates(
     let rows = stmt.query_map(params_from_iter(args), |r| {
         Ok(ReplayCandidate {
             id: r.get(0)?,
-            payload: r.get(1)?,
-            mapping: r.get(2)?,
-            event_raw: r.get(3)?,
-            audience_key: r.get(4)?,
-            user_id: r.get(5)?,
+            mapping: r.get(1)?,
+            event_raw: r.get(2)?,
         })
     })?;
     rows.collect()
@@ -466,15 +454,6 @@ pub fn requeue(
         )?
         .execute(params![id, time_text(now), payload])?;
     Ok(n == 1)
-}
-
-/// Marks a failed delivery superseded (a newer value for its pair exists).
-pub fn supersede(conn: &Connection, id: i64) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE deliveries SET state = 'superseded', lease_until = NULL WHERE id = ?1",
-    )?
-    .execute([id])?;
-    Ok(())
 }
 
 /// Reads a `worker_state` value.

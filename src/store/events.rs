@@ -1,7 +1,7 @@
 //! SQL for the `events` table: storing acknowledged messages (deduplicated on
 //! `messageId` per write key) and counting them.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use sha2::{Digest, Sha256};
 
 use crate::segment::PreparedMessage;
@@ -97,17 +97,6 @@ pub fn count_by_status(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>
         conn.prepare("SELECT status, count(*) FROM events GROUP BY status ORDER BY status")?;
     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
-}
-
-/// The raw stored message for a messageId, if any (used by operators' tools
-/// and tests).
-pub fn raw_by_message_id(conn: &Connection, message_id: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT raw FROM events WHERE message_id = ?1 ORDER BY id LIMIT 1",
-        [message_id],
-        |r| r.get(0),
-    )
-    .optional()
 }
 
 #[cfg(test)]
