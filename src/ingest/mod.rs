@@ -91,6 +91,10 @@ impl IntoResponse for IngestError {
     }
 }
 
+/// A body declared over `server.max_request_size` but within this many times
+/// it is read and dropped before the 413 goes out.
+const DRAIN_LIMIT_FACTOR: u64 = 4;
+
 /// The tracking routes, long, short and batch forms.
 pub fn routes(state: IngestState) -> Router {
     let single: [(&str, &str, MessageType); 6] = [
@@ -158,7 +162,13 @@ async fn handle(
             "the request is over the {request_limit}-byte limit (server.max_request_size)"
         ))
     };
-    if declared.is_some_and(|n| n > request_limit as u64) {
+    if let Some(n) = declared.filter(|n| *n > request_limit as u64) {
+        // Read (and drop) a moderately oversized body before answering, so
+        // the client, still uploading, reads the 413 instead of a reset
+        // connection; a body far over the limit is cut off unread.
+        if n <= DRAIN_LIMIT_FACTOR * request_limit as u64 {
+            let _ = axum::body::to_bytes(body, n as usize).await;
+        }
         return Err(over_request());
     }
     let raw = axum::body::to_bytes(body, request_limit)
