@@ -50,6 +50,7 @@ use schematic_sync::config::{Config, Synchronous};
 use schematic_sync::delivery::worker::{DrainReport, Worker};
 use schematic_sync::schematic::client::{OutgoingEvent, SchematicClient};
 use schematic_sync::segment::{self, Envelope};
+use schematic_sync::store::dedupe::Dedupe;
 use schematic_sync::store::deliveries::{self, AttemptRecord, Resolution};
 use schematic_sync::store::events::{self, EventRow};
 use schematic_sync::store::Store;
@@ -264,6 +265,7 @@ fn message(rng: &mut Rng, n: u64) -> Value {
 /// Writes `count` events straight into the store, `LOAD_TX` a transaction.
 fn load_events(store: &Store, count: usize) -> anyhow::Result<()> {
     let mut conn = store.open_and_migrate()?;
+    let mut dedupe = Dedupe::new(std::time::Duration::from_secs(7 * 86_400));
     let mut rng = Rng(0x00de_11ce);
     let received_at = Utc::now();
     let envelope = Envelope::default();
@@ -277,9 +279,7 @@ fn load_events(store: &Store, count: usize) -> anyhow::Result<()> {
             rows.push(EventRow::new(&prepared, WRITE_KEY));
             n += 1;
         }
-        let tx = conn.transaction()?;
-        let outcome = events::insert(&tx, &rows)?;
-        tx.commit()?;
+        let outcome = events::insert_committed(&mut conn, &mut dedupe, &rows)?;
         anyhow::ensure!(outcome.duplicates == 0, "duplicate bench messageIds");
     }
     Ok(())

@@ -6,9 +6,10 @@
 //! answers. Then, in the same run, it measures the ceiling: as many rows as
 //! the daemon stored, from the same events (built with `segment::prepare` +
 //! `EventRow::new`, outside the timed part), inserted with
-//! `store::events::insert` into a new SQLite file opened through the crate's
-//! own `Store` and tuned by `ingest::commit::tune_writer` (so the pragmas are
-//! those of the daemon's ingest writer), 1,000 rows a transaction.
+//! `store::events::insert_committed` (the daemon's deduplication included)
+//! into a new SQLite file opened through the crate's own `Store` and tuned by
+//! `ingest::commit::tune_writer` (so the pragmas are those of the daemon's
+//! ingest writer), 1,000 rows a transaction.
 //!
 //! Printed: acknowledged events/s, request latency, peak RSS (`VmHWM`), CPU
 //! per daemon thread, daemon I/O per event, how busy the rest of the machine
@@ -39,6 +40,7 @@ use serde_json::{json, Value};
 
 use schematic_sync::config::{StoreConfig, Synchronous};
 use schematic_sync::segment::{self, Envelope};
+use schematic_sync::store::dedupe::Dedupe;
 use schematic_sync::store::events::{self, EventRow};
 use schematic_sync::store::Store;
 
@@ -823,6 +825,9 @@ fn run_ceiling(dir: &Path, templates: &[Template], rows: u64, per_tx: usize) -> 
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .expect("read journal_mode");
     assert_eq!((sync, mode.as_str()), (2, "wal"), "ceiling pragmas");
+    // the daemon's deduplication, with the default retention window
+    let (mut dedupe, _) = Dedupe::load(&conn, StoreConfig::default().retention.0, Utc::now())
+        .expect("read the ceiling's dedupe keys");
 
     let items: Vec<&Value> = templates.iter().flat_map(|t| t.items.iter()).collect();
     let envelope = Envelope {
@@ -850,11 +855,7 @@ fn run_ceiling(dir: &Path, templates: &[Template], rows: u64, per_tx: usize) -> 
         preparing += t0.elapsed();
 
         let t1 = Instant::now();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .expect("begin");
-        let outcome = events::insert(&tx, &chunk).expect("insert");
-        tx.commit().expect("commit");
+        let outcome = events::insert_committed(&mut conn, &mut dedupe, &chunk).expect("insert");
         timed += t1.elapsed();
         assert_eq!(outcome.stored as u64, n, "ceiling rows are unique");
         done += n;

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::segment::{self, Envelope};
+use crate::store::dedupe::Dedupe;
 use crate::store::events::{self, EventRow};
 use crate::store::Store;
 
@@ -298,11 +299,10 @@ fn ingest_file(config: &Config, file: &Path, write_key: &str) -> anyhow::Result<
     let limit = config.server.max_message_size.0 as usize;
     let (mut stored, mut duplicates, mut invalid) = (0usize, 0usize, 0usize);
     let mut chunk = Vec::with_capacity(INGEST_CHUNK);
+    let (mut dedupe, _) = Dedupe::load(&conn, config.store.retention.0, chrono::Utc::now())?;
     let mut flush =
         |chunk: &mut Vec<EventRow>, conn: &mut rusqlite::Connection| -> anyhow::Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let outcome = events::insert(&tx, chunk)?;
-            tx.commit()?;
+            let outcome = events::insert_committed(conn, &mut dedupe, chunk)?;
             stored += outcome.stored;
             duplicates += outcome.duplicates;
             chunk.clear();

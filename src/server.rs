@@ -29,7 +29,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::new(&config.store);
     store.open_and_migrate()?;
     let max_size = config.store.max_size.0;
-    let (committer, writer) = Committer::start(&store, max_size)?;
+    let (committer, writer) = Committer::start(&store, max_size, config.store.retention.0)?;
 
     if config.schematic.resolve_api_key().is_none() {
         tracing::warn!(

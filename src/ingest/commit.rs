@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::Utc;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::store::dedupe::Dedupe;
 use crate::store::events::{self, EventRow, InsertOutcome};
 use crate::store::{disk_size, Store};
 
@@ -112,14 +115,29 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the writer thread on its own connection.
-    pub fn start(store: &Store, max_size: u64) -> anyhow::Result<(Committer, JoinHandle<()>)> {
+    /// Starts the writer thread on its own connection, after reading the
+    /// deduplication keys of the last `dedupe_window` (`store.retention`).
+    pub fn start(
+        store: &Store,
+        max_size: u64,
+        dedupe_window: Duration,
+    ) -> anyhow::Result<(Committer, JoinHandle<()>)> {
         let conn = store.connect()?;
         tune_writer(&conn).context("cannot configure the ingest writer's connection")?;
+        let started = Instant::now();
+        let (dedupe, loaded) = Dedupe::load(&conn, dedupe_window, Utc::now())
+            .context("cannot read the deduplication keys of stored events")?;
+        tracing::info!(
+            keys = loaded.keys,
+            filled = loaded.backfilled,
+            ms = started.elapsed().as_millis() as u64,
+            "deduplication keys loaded"
+        );
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let health = Arc::new(StoreHealth::default());
         let writer = Writer {
             conn,
+            dedupe,
             path: store.path.clone(),
             max_size,
             health: health.clone(),
@@ -146,6 +164,7 @@ impl Committer {
 
 struct Writer {
     conn: Connection,
+    dedupe: Dedupe,
     path: PathBuf,
     max_size: u64,
     health: Arc<StoreHealth>,
@@ -209,18 +228,22 @@ impl Writer {
         &mut self,
         group: &[CommitRequest],
     ) -> rusqlite::Result<Option<Vec<Result<InsertOutcome, String>>>> {
+        let now = Utc::now();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.dedupe.begin(&tx, now)?;
         let mut results = Vec::with_capacity(group.len());
         for request in group {
-            match events::insert(&tx, &request.rows) {
+            match events::insert(&tx, &mut self.dedupe, &request.rows) {
                 Ok(outcome) => results.push(Ok(outcome)),
-                // dropping the transaction rolls it back
+                // dropping the transaction rolls it back (and the next
+                // `begin` forgets what it staged)
                 Err(_) => return Ok(None),
             }
         }
         tx.commit()?;
+        self.dedupe.commit(now);
         Ok(Some(results))
     }
 
@@ -230,24 +253,29 @@ impl Writer {
         &mut self,
         group: &[CommitRequest],
     ) -> rusqlite::Result<Vec<Result<InsertOutcome, String>>> {
+        let now = Utc::now();
         let mut tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        self.dedupe.begin(&tx, now)?;
         let mut results = Vec::with_capacity(group.len());
         for request in group {
+            let mark = self.dedupe.mark();
             let sp = tx.savepoint()?;
-            match events::insert(&sp, &request.rows) {
+            match events::insert(&sp, &mut self.dedupe, &request.rows) {
                 Ok(outcome) => {
                     sp.commit()?;
                     results.push(Ok(outcome));
                 }
                 Err(e) => {
                     // dropping the savepoint rolls it back
+                    self.dedupe.rollback_to(mark);
                     results.push(Err(e.to_string()));
                 }
             }
         }
         tx.commit()?;
+        self.dedupe.commit(now);
         Ok(results)
     }
 }
@@ -269,6 +297,7 @@ mod tests {
         EventRow {
             message_id: message_id.to_string(),
             write_key: "k".to_string(),
+            dedupe_key: crate::store::dedupe::dedupe_key("k", message_id),
             kind,
             user_id: Some("u1".to_string()),
             anonymous_id: None,
@@ -298,6 +327,7 @@ mod tests {
         tune_writer(&conn).unwrap();
         let mut writer = Writer {
             conn,
+            dedupe: Dedupe::new(Duration::from_secs(3600)),
             path: store.path.clone(),
             max_size: u64::MAX,
             health: Arc::new(StoreHealth::default()),

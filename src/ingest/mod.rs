@@ -269,7 +269,7 @@ fn batch_rows(
         sent_at,
     };
     let message_limit = limits.max_message_size.0 as usize;
-    let key = write_key.unwrap_or_default();
+    let key_hash = crate::store::events::hash_write_key(&write_key.unwrap_or_default());
     let mut rows = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
         let size = item.get().len();
@@ -283,7 +283,7 @@ fn batch_rows(
         take_write_key(&mut value);
         let message = segment::prepare(value, None, &env, received_at)
             .map_err(|e| IngestError::invalid(format!("batch item {index}: {e}")))?;
-        rows.push(EventRow::new(&message, &key));
+        rows.push(EventRow::with_key_hash(&message, key_hash.clone()));
     }
     Ok(rows)
 }

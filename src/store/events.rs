@@ -5,6 +5,7 @@ use rusqlite::{params, Connection};
 use sha2::{Digest, Sha256};
 
 use crate::segment::PreparedMessage;
+use crate::store::dedupe::{dedupe_key, Dedupe};
 use crate::store::time_text;
 
 /// One row for `events`, built off the writer thread so that JSON
@@ -13,6 +14,8 @@ use crate::store::time_text;
 pub struct EventRow {
     pub message_id: String,
     pub write_key: String,
+    /// `dedupe::dedupe_key(write_key, message_id)`
+    pub dedupe_key: i64,
     pub kind: &'static str,
     pub user_id: Option<String>,
     pub anonymous_id: Option<String>,
@@ -24,9 +27,16 @@ pub struct EventRow {
 
 impl EventRow {
     pub fn new(message: &PreparedMessage, write_key: &str) -> EventRow {
+        EventRow::with_key_hash(message, hash_write_key(write_key))
+    }
+
+    /// Like `new`, with the write key already hashed (`hash_write_key`), so a
+    /// batch hashes its key once instead of once per message.
+    pub fn with_key_hash(message: &PreparedMessage, write_key_hash: String) -> EventRow {
         EventRow {
             message_id: message.message_id.clone(),
-            write_key: hash_write_key(write_key),
+            dedupe_key: dedupe_key(&write_key_hash, &message.message_id),
+            write_key: write_key_hash,
             kind: message.kind.as_str(),
             user_id: message.user_id.clone(),
             anonymous_id: message.anonymous_id.clone(),
@@ -60,20 +70,30 @@ pub struct InsertOutcome {
     pub duplicates: usize,
 }
 
-/// Inserts rows inside the caller's transaction; a `messageId` already stored
-/// for the same write key is counted as a duplicate and left alone.
-pub fn insert(conn: &Connection, rows: &[EventRow]) -> rusqlite::Result<InsertOutcome> {
+/// Inserts rows inside the caller's transaction, after `dedupe.begin` on it;
+/// a `messageId` already stored for the same write key (in the retention
+/// window) is counted as a duplicate and left alone. The caller passes the
+/// transaction's fate on to `dedupe` (`commit`, `abort`, `rollback_to`).
+pub fn insert(
+    conn: &Connection,
+    dedupe: &mut Dedupe,
+    rows: &[EventRow],
+) -> rusqlite::Result<InsertOutcome> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO events (message_id, write_key, type, user_id, anonymous_id, event,
-                             timestamp, received_at, raw)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (message_id, write_key) DO NOTHING",
+        "INSERT INTO events (message_id, write_key, dedupe_key, type, user_id, anonymous_id,
+                             event, timestamp, received_at, raw)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
     let mut outcome = InsertOutcome::default();
     for r in rows {
-        let n = stmt.execute(params![
+        if dedupe.seen(r.dedupe_key) {
+            outcome.duplicates += 1;
+            continue;
+        }
+        stmt.execute(params![
             r.message_id,
             r.write_key,
+            r.dedupe_key,
             r.kind,
             r.user_id,
             r.anonymous_id,
@@ -82,13 +102,33 @@ pub fn insert(conn: &Connection, rows: &[EventRow]) -> rusqlite::Result<InsertOu
             r.received_at,
             r.raw
         ])?;
-        if n == 1 {
-            outcome.stored += 1;
-        } else {
-            outcome.duplicates += 1;
-        }
+        dedupe.stage(r.dedupe_key, conn.last_insert_rowid());
+        outcome.stored += 1;
     }
     Ok(outcome)
+}
+
+/// One transaction inserting `rows`, deduplicated; for callers without a
+/// group-commit writer of their own (the `ingest` backfill, benchmarks).
+pub fn insert_committed(
+    conn: &mut Connection,
+    dedupe: &mut Dedupe,
+    rows: &[EventRow],
+) -> rusqlite::Result<InsertOutcome> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let now = chrono::Utc::now();
+    dedupe.begin(&tx, now)?;
+    let outcome = insert(&tx, dedupe, rows);
+    match outcome.and_then(|o| tx.commit().map(|()| o)) {
+        Ok(o) => {
+            dedupe.commit(now);
+            Ok(o)
+        }
+        Err(e) => {
+            dedupe.abort();
+            Err(e)
+        }
+    }
 }
 
 /// Event counts per status, in a fixed order.

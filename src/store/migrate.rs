@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0003_audiences.sql",
         include_str!("../../migrations/0003_audiences.sql"),
     ),
+    (
+        4,
+        "0004_dedupe_keys.sql",
+        include_str!("../../migrations/0004_dedupe_keys.sql"),
+    ),
 ];
 
 /// Applies the migrations the database does not have yet; returns their names.

@@ -4,6 +4,7 @@
 //! small functions per table in its submodules.
 
 pub mod audiences;
+pub mod dedupe;
 pub mod deliveries;
 pub mod events;
 pub mod migrate;

@@ -154,6 +154,7 @@ mod tests {
         let row = |id: &str, at: DateTime<Utc>| EventRow {
             message_id: id.into(),
             write_key: "k".into(),
+            dedupe_key: crate::store::dedupe::dedupe_key("k", id),
             kind: "track",
             user_id: Some("u".into()),
             anonymous_id: None,
@@ -162,8 +163,10 @@ mod tests {
             received_at: time_text(at),
             raw: "{}".into(),
         };
-        events::insert(
-            &conn,
+        let mut dedupe = crate::store::dedupe::Dedupe::new(std::time::Duration::from_secs(60));
+        events::insert_committed(
+            &mut conn,
+            &mut dedupe,
             &[
                 row("old-ok", old),
                 row("old-failed", old),
