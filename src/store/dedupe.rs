@@ -286,21 +286,24 @@ fn first_id_received_at_or_after(
 /// Fills `dedupe_key` for rows stored before migration 4; returns how many.
 fn backfill(conn: &Connection) -> rusqlite::Result<usize> {
     let mut total = 0;
+    let mut after = 0i64;
     loop {
         let missing: Vec<(i64, String, String)> = {
             let mut stmt = conn.prepare_cached(
                 "SELECT e.id, e.write_key, e.message_id FROM events e
                  WHERE e.id IN (SELECT id FROM events INDEXED BY events_dedupe
-                                WHERE dedupe_key IS NULL LIMIT ?1)",
+                                WHERE id > ?1 AND dedupe_key IS NULL ORDER BY id LIMIT ?2)
+                 ORDER BY e.id",
             )?;
-            let rows = stmt.query_map([BACKFILL_BATCH as i64], |r| {
+            let rows = stmt.query_map(params![after, BACKFILL_BATCH as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        if missing.is_empty() {
+        let Some(&(last, _, _)) = missing.last() else {
             return Ok(total);
-        }
+        };
+        after = last;
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let written = (|| {
             let mut update =

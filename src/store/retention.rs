@@ -59,6 +59,13 @@ pub fn sweep(conn: &mut Connection, cutoff: DateTime<Utc>) -> rusqlite::Result<S
         )
         .optional()?
         .unwrap_or(i64::MAX);
+    // The newest event is never deleted: `events.id` has no AUTOINCREMENT, so
+    // an empty table would hand out ids again from 1, below the last id the
+    // ingest writer's deduplication has read (`dedupe::Dedupe::begin`), and
+    // rows another process stored with those ids would go unseen.
+    let newest: i64 =
+        conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+    let boundary = boundary.min(newest);
     loop {
         let n = conn.execute(
             "DELETE FROM events WHERE id IN (
