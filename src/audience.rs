@@ -78,22 +78,15 @@ pub fn audience_idempotency_key(audience: &str, user_id: &str, member: bool, run
     key.push(char::from_digit(run_hex.len() as u32 - 1, 16).unwrap_or('f'));
     key.push_str(&run_hex);
     key.push('_');
-    push_hex(&mut key, prefix);
+    crate::store::push_hex(&mut key, prefix);
     key.push('-');
-    push_hex(&mut key, &h.finalize()[..20]);
+    crate::store::push_hex(&mut key, &h.finalize()[..20]);
     key
 }
 
 /// Bytes of the user id that lead an audience idempotency key.
 const KEY_USER_PREFIX: usize = 16;
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
-}
 
 /// What a sync of one audience did (or, dry, would do).
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -22,12 +22,12 @@ pub fn event_idempotency_key(write_key_hash: &str, message_id: &str, mapping: &s
         h.update(part.as_bytes());
         h.update([0u8]);
     }
-    format!("evt_{}", hex(&h.finalize()[..20]))
+    let mut key = String::with_capacity(44);
+    key.push_str("evt_");
+    crate::store::push_hex(&mut key, &h.finalize()[..20]);
+    key
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// What one mapping run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -22,9 +22,10 @@ pub struct NewDelivery {
     pub sync_run_id: Option<i64>,
 }
 
-/// Inserts deliveries; an idempotency key already present is left alone (so
-/// mapping the same event twice after a crash creates nothing new). Returns
-/// how many rows were created.
+/// Inserts deliveries; an audience delivery whose idempotency key is already
+/// present is left alone. (An event's deliveries are created once: the
+/// mapper files an event only while it is still `received`, in the same
+/// transaction.) Returns how many rows were created.
 pub fn insert(
     conn: &Connection,
     rows: &[NewDelivery],
@@ -34,7 +35,7 @@ pub fn insert(
         "INSERT INTO deliveries (kind, state, next_attempt_at, idempotency_key, payload, last_error,
                                  event_id, mapping, audience_key, user_id, sync_run_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?3)
-         ON CONFLICT (idempotency_key) DO NOTHING",
+         ON CONFLICT (idempotency_key) WHERE audience_key IS NOT NULL DO NOTHING",
     )?;
     let now = time_text(now);
     let mut created = 0;

@@ -43,23 +43,20 @@ impl EventRow {
             event: message.event.clone(),
             timestamp: time_text(message.timestamp),
             received_at: time_text(message.received_at),
-            raw: message.raw.to_string(),
+            // Straight into a byte buffer: `Value::to_string` goes through
+            // `fmt::Write` and took twice as long. Serialising a `Value`
+            // cannot fail (its map keys are strings, a Vec has no I/O errors).
+            raw: serde_json::to_string(&message.raw).unwrap_or_default(),
         }
     }
 }
 
 /// The write key is never stored: only the first 16 bytes of its SHA-256, as
 /// hex, which is enough to tell sources apart and to scope deduplication.
-/// Runs for every stored row, so it writes the hex digits itself instead of
-/// one `format!` per byte (about 8x faster).
 pub fn hash_write_key(write_key: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = Sha256::digest(write_key.as_bytes());
     let mut out = String::with_capacity(32);
-    for b in &digest[..16] {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0x0f)]));
-    }
+    crate::store::push_hex(&mut out, &digest[..16]);
     out
 }
 

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "0004_dedupe_keys.sql",
         include_str!("../../migrations/0004_dedupe_keys.sql"),
     ),
+    (
+        5,
+        "0005_event_idempotency.sql",
+        include_str!("../../migrations/0005_event_idempotency.sql"),
+    ),
 ];
 
 /// Applies the migrations the database does not have yet; returns their names.

@@ -113,6 +113,16 @@ fn configure(conn: &Connection, synchronous: Synchronous) -> anyhow::Result<()> 
 
 /// Times are stored as ISO 8601 UTC text with milliseconds, which sorts and
 /// compares correctly as text and reads well at the `sqlite3` prompt.
+/// Appends `bytes` as lowercase hex digits (keys and hashes; runs for every
+/// stored row, so no `format!` per byte).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+}
+
 pub fn time_text(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
