@@ -87,7 +87,6 @@ pub fn audience_idempotency_key(audience: &str, user_id: &str, member: bool, run
 /// Bytes of the user id that lead an audience idempotency key.
 const KEY_USER_PREFIX: usize = 16;
 
-
 /// What a sync of one audience did (or, dry, would do).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SyncOutcome {

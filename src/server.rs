@@ -39,7 +39,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.schematic.api_key_env
         );
     }
-    let worker = Arc::new(Worker::new(&store, &config)?);
+    let worker = Arc::new(Worker::new(&store, &config)?.yielding_to(committer.activity.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(watch_signals(shutdown_tx));

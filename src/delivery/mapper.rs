@@ -8,6 +8,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::ingest::commit::IngestActivity;
 use crate::mapping::{map_message, Mapping};
 use crate::store::deliveries::{self, NewDelivery, ReceivedEvent};
 
@@ -27,7 +28,6 @@ pub fn event_idempotency_key(write_key_hash: &str, message_id: &str, mapping: &s
     crate::store::push_hex(&mut key, &h.finalize()[..20]);
     key
 }
-
 
 /// What one mapping run did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -95,14 +95,21 @@ fn map_event(event: &ReceivedEvent, mappings: &[Mapping]) -> anyhow::Result<Outc
 /// without the write lock; the lock is held only to write the results, so
 /// ingest's group commits wait as little as possible. An event another
 /// mapper (a `drain` next to `serve`) filed meanwhile is left alone.
+///
+/// With `yield_to`, each chunk is followed by a pause as long as the chunk
+/// took while ingest is busy, so that under a burst the mapper takes at most
+/// half of a core from the requests waiting to be acknowledged; it catches
+/// up once the burst is over.
 pub fn map_received(
     conn: &mut Connection,
     mappings: &[Mapping],
     now: DateTime<Utc>,
+    yield_to: Option<&IngestActivity>,
 ) -> anyhow::Result<MapReport> {
     let mut report = MapReport::default();
     let mut after = 0i64;
     loop {
+        let started = std::time::Instant::now();
         let events = deliveries::received_events(conn, after, CHUNK)?;
         let Some(last) = events.last() else {
             break;
@@ -138,6 +145,9 @@ pub fn map_received(
         }
         report.deliveries += deliveries::insert(&tx, &rows, now)?;
         tx.commit()?;
+        if yield_to.is_some_and(IngestActivity::busy) {
+            std::thread::sleep(started.elapsed());
+        }
     }
     Ok(report)
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::delivery::mapper::{self, MapReport};
 use crate::delivery::retry::{self, AttemptOutcome, RetryDecision};
+use crate::ingest::commit::IngestActivity;
 use crate::mapping::Mapping;
 use crate::schematic::client::{OutgoingEvent, SchematicClient};
 use crate::store::deliveries::{self, AttemptRecord, ClaimedDelivery, Resolution};
@@ -101,6 +102,8 @@ pub struct Worker {
     mappings: Arc<Vec<Mapping>>,
     context: Option<Arc<SendContext>>,
     settings: WorkerSettings,
+    /// The ingest of the same process, which the mapper gives way to.
+    yield_to: Option<Arc<IngestActivity>>,
 }
 
 /// What the senders of one round found besides per-row results.
@@ -152,7 +155,14 @@ impl Worker {
             mappings: Arc::new(config.compiled_mappings()?),
             context,
             settings,
+            yield_to: None,
         })
+    }
+
+    /// Makes the mapper give way to this process's ingest under load.
+    pub fn yielding_to(mut self, ingest: Arc<IngestActivity>) -> Worker {
+        self.yield_to = Some(ingest);
+        self
     }
 
     /// Runs a blocking store operation off the async threads.
@@ -174,7 +184,8 @@ impl Worker {
     /// Maps new events into deliveries (no sending).
     pub async fn map_new_events(&self) -> anyhow::Result<MapReport> {
         let mappings = self.mappings.clone();
-        self.db(move |c| mapper::map_received(c, &mappings, Utc::now()))
+        let yield_to = self.yield_to.clone();
+        self.db(move |c| mapper::map_received(c, &mappings, Utc::now(), yield_to.as_deref()))
             .await
     }
 

@@ -116,6 +116,42 @@ impl StoreHealth {
     }
 }
 
+/// When ingest last committed, so that background work (the mapper) can
+/// give way to it under load: acknowledging messages comes first, mapping
+/// them can wait a few seconds.
+#[derive(Debug)]
+pub struct IngestActivity {
+    origin: std::time::Instant,
+    last_commit_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Ingest counts as busy for this long after a commit.
+const BUSY_FOR: Duration = Duration::from_millis(250);
+
+impl Default for IngestActivity {
+    fn default() -> Self {
+        IngestActivity {
+            origin: std::time::Instant::now(),
+            last_commit_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl IngestActivity {
+    fn committed(&self) {
+        // +1 so that a commit in the first millisecond is not "never"
+        let ms = self.origin.elapsed().as_millis() as u64 + 1;
+        self.last_commit_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether ingest committed rows in the last `BUSY_FOR`.
+    pub fn busy(&self) -> bool {
+        let last = self.last_commit_ms.load(Ordering::Relaxed);
+        last != 0
+            && self.origin.elapsed().as_millis() as u64 + 1 - last < BUSY_FOR.as_millis() as u64
+    }
+}
+
 struct CommitRequest {
     rows: Vec<EventRow>,
     reply: oneshot::Sender<Result<InsertOutcome, String>>,
@@ -127,6 +163,7 @@ struct CommitRequest {
 pub struct Committer {
     sender: mpsc::Sender<CommitRequest>,
     pub health: Arc<StoreHealth>,
+    pub activity: Arc<IngestActivity>,
 }
 
 impl Committer {
@@ -150,8 +187,10 @@ impl Committer {
         );
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let health = Arc::new(StoreHealth::default());
+        let activity = Arc::new(IngestActivity::default());
         let writer = Writer {
             conn,
+            activity: activity.clone(),
             dedupe,
             path: store.path.clone(),
             max_size,
@@ -161,7 +200,14 @@ impl Committer {
         let handle = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || writer.run(receiver))?;
-        Ok((Committer { sender, health }, handle))
+        Ok((
+            Committer {
+                sender,
+                health,
+                activity,
+            },
+            handle,
+        ))
     }
 
     /// Stores the rows and returns once they are committed.
@@ -179,6 +225,7 @@ impl Committer {
 
 struct Writer {
     conn: Connection,
+    activity: Arc<IngestActivity>,
     dedupe: Dedupe,
     path: PathBuf,
     max_size: u64,
@@ -200,6 +247,9 @@ impl Writer {
                 }
             }
             let results = self.write_group(&group);
+            if rows > 0 {
+                self.activity.committed();
+            }
             for (request, result) in group.into_iter().zip(results) {
                 // The requester may have gone (client hung up); its rows are
                 // committed all the same.
@@ -331,6 +381,16 @@ mod tests {
     }
 
     #[test]
+    fn ingest_is_busy_only_shortly_after_a_commit() {
+        let activity = IngestActivity::default();
+        assert!(!activity.busy(), "no commit yet");
+        activity.committed();
+        assert!(activity.busy());
+        std::thread::sleep(BUSY_FOR + Duration::from_millis(20));
+        assert!(!activity.busy());
+    }
+
+    #[test]
     fn a_failing_request_fails_alone_and_the_rest_of_its_group_is_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(&StoreConfig {
@@ -342,6 +402,7 @@ mod tests {
         tune_writer(&conn).unwrap();
         let mut writer = Writer {
             conn,
+            activity: Arc::new(IngestActivity::default()),
             dedupe: Dedupe::new(Duration::from_secs(3600)),
             path: store.path.clone(),
             max_size: u64::MAX,
