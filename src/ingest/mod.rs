@@ -223,7 +223,7 @@ struct BatchBody<'a> {
 }
 
 /// Validates a whole batch; any bad item fails the whole request, naming it.
-fn batch_rows(
+pub fn batch_rows(
     limits: &ServerConfig,
     bytes: &[u8],
     basic_key: Option<String>,
