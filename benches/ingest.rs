@@ -148,11 +148,11 @@ fn uuid_text(hi: u64, lo: u64) -> String {
 /// How the clients make messageIds; every id is unique per counter `n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IdStyle {
-    /// Random-looking UUIDs (analytics.js, mobile libraries): inserts land
-    /// all over the unique index.
+    /// Random-looking UUIDs (analytics.js, mobile libraries). (While
+    /// deduplication used a unique index on messageId, these landed all
+    /// over it; the store now only appends, whatever the ids.)
     Uuid,
-    /// `node-next-<unix ms>-<uuid>` (analytics-node): inserts land at the
-    /// index's right edge.
+    /// `node-next-<unix ms>-<uuid>` (analytics-node), which sort by time.
     Node,
 }
 

@@ -268,7 +268,7 @@ impl Writer {
     /// (Savepoints on every group are not free: each page already changed in
     /// the transaction is copied to a statement journal when a request first
     /// touches it again, and that journal spills to a temporary file past
-    /// 64 KiB; with random messageIds that is most unique-index pages.)
+    /// 64 KiB.)
     fn write_group(&mut self, group: &[CommitRequest]) -> Vec<Result<InsertOutcome, String>> {
         let outcome = match self.write_straight(group) {
             Ok(Some(results)) => Ok(results),
