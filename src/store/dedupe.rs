@@ -2,7 +2,7 @@
 //!
 //! Every stored event carries `dedupe_key`, 64 bits of SHA-256 over its write
 //! key hash and messageId. The writer keeps the keys of the retention window
-//! in memory (about 9 bytes per event, in a few time slices so that expiring
+//! in memory (10 to 21 bytes per event, in a few time slices so that expiring
 //! old keys is dropping a slice) and checks each new row against them while it
 //! holds the write lock. The on-disk side is the `events_dedupe` index on
 //! `(id, dedupe_key)`: ordered by id, it is only ever appended to, so a stored
@@ -129,11 +129,11 @@ impl Dedupe {
         // Slice k holds the rows received in [cutoff_k, cutoff_k + slice);
         // events arrive in id order, so each cutoff is an id boundary.
         let now_s = now.timestamp();
-        let mut cutoff = now_s - dedupe.window;
+        let mut cutoff = now_s.saturating_sub(dedupe.window);
         let mut start = first_id_received_at_or_after(conn, min_id, max_id, cutoff)?;
         let mut keys = 0;
         while cutoff <= now_s {
-            let ends = cutoff + dedupe.slice;
+            let ends = cutoff.saturating_add(dedupe.slice);
             let end_id = if ends > now_s {
                 i64::MAX
             } else {
@@ -362,6 +362,45 @@ mod tests {
         d.abort();
         assert!(d.seen(1) && !d.seen(3));
         assert_eq!(d.last_id, 1);
+    }
+
+    #[test]
+    fn load_reads_the_keys_of_the_window_and_fills_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store {
+            path: dir.path().join("d.db"),
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        let conn = store.open_and_migrate().unwrap();
+        let now = at(30 * 86_400);
+        // received 10 days, 2 days and 1 hour before now; the middle one as
+        // stored before migration 4, without its key
+        for (id, ago, key) in [
+            ("old", 10 * 86_400, Some(dedupe_key("k", "old"))),
+            ("mid", 2 * 86_400, None),
+            ("new", 3_600, Some(dedupe_key("k", "new"))),
+        ] {
+            conn.execute(
+                "INSERT INTO events (message_id, write_key, dedupe_key, type, timestamp,
+                                     received_at, raw)
+                 VALUES (?1, 'k', ?2, 'track', ?3, ?3, '{}')",
+                params![id, key, time_text(now - chrono::Duration::seconds(ago))],
+            )
+            .unwrap();
+        }
+        let (d, loaded) = Dedupe::load(&conn, Duration::from_secs(7 * 86_400), now).unwrap();
+        assert_eq!((loaded.keys, loaded.backfilled), (2, 1));
+        assert!(d.seen(dedupe_key("k", "mid")) && d.seen(dedupe_key("k", "new")));
+        assert!(!d.seen(dedupe_key("k", "old")), "older than the window");
+        assert_eq!(d.last_id, 3);
+        let filled: i64 = conn
+            .query_row(
+                "SELECT dedupe_key FROM events WHERE message_id = 'mid'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(filled, dedupe_key("k", "mid"));
     }
 
     #[test]
