@@ -18,6 +18,7 @@ pub const REQUEST_DURATION: &str = "schematic_sync_schematic_request_duration_se
 pub const QUEUE_DEPTH: &str = "schematic_sync_queue_depth";
 pub const OLDEST_DUE_AGE: &str = "schematic_sync_oldest_due_age_seconds";
 pub const PAUSED: &str = "schematic_sync_paused";
+pub const DEDUPE_KEYS: &str = "schematic_sync_dedupe_keys";
 pub const AUDIENCE_LAST_SYNC: &str = "schematic_sync_audience_last_sync_timestamp_seconds";
 pub const AUDIENCE_LAST_SYNC_SIZE: &str = "schematic_sync_audience_last_sync_enqueued";
 
@@ -75,6 +76,10 @@ fn describe() {
     describe_gauge!(
         PAUSED,
         "1 when sending is paused (API key missing or refused)"
+    );
+    describe_gauge!(
+        DEDUPE_KEYS,
+        "messageId keys held in memory for deduplication (those of store.retention)"
     );
     describe_gauge!(
         AUDIENCE_LAST_SYNC,

@@ -264,6 +264,8 @@ async fn metrics_endpoint(State(monitor): State<Monitor>) -> impl IntoResponse {
     if let Err(e) = monitor.read(crate::metrics::refresh_gauges).await {
         tracing::warn!(error = %format!("{e:#}"), "cannot read queue gauges for /metrics");
     }
+    metrics::gauge!(crate::metrics::DEDUPE_KEYS)
+        .set(monitor.committer.activity.dedupe_keys() as f64);
     (
         [(
             header::CONTENT_TYPE,

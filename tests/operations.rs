@@ -82,6 +82,8 @@ fn metrics_health_and_logs_tell_what_happens_without_leaking_the_key() {
         metric(&text, "schematic_sync_messages_deduplicated_total"),
         1.0
     );
+    // one key per stored message
+    assert_eq!(metric(&text, "schematic_sync_dedupe_keys"), 4.0);
     assert_eq!(
         metric(
             &text,

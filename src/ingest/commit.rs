@@ -125,6 +125,8 @@ impl StoreHealth {
 pub struct IngestActivity {
     origin: std::time::Instant,
     last_commit_ms: std::sync::atomic::AtomicU64,
+    /// Deduplication keys the writer holds in memory, for `/metrics`.
+    dedupe_keys: std::sync::atomic::AtomicU64,
 }
 
 /// Ingest counts as busy for this long after a commit.
@@ -135,6 +137,7 @@ impl Default for IngestActivity {
         IngestActivity {
             origin: std::time::Instant::now(),
             last_commit_ms: std::sync::atomic::AtomicU64::new(0),
+            dedupe_keys: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -144,6 +147,15 @@ impl IngestActivity {
         // +1 so that a commit in the first millisecond is not "never"
         let ms = self.origin.elapsed().as_millis() as u64 + 1;
         self.last_commit_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Deduplication keys held in memory (about 10-21 bytes each).
+    pub fn dedupe_keys(&self) -> u64 {
+        self.dedupe_keys.load(Ordering::Relaxed)
+    }
+
+    fn set_dedupe_keys(&self, n: usize) {
+        self.dedupe_keys.store(n as u64, Ordering::Relaxed);
     }
 
     /// Whether ingest committed rows in the last `BUSY_FOR`.
@@ -190,6 +202,7 @@ impl Committer {
         let (sender, receiver) = mpsc::channel(QUEUE_DEPTH);
         let health = Arc::new(StoreHealth::default());
         let activity = Arc::new(IngestActivity::default());
+        activity.set_dedupe_keys(loaded.keys);
         let writer = Writer {
             conn,
             activity: activity.clone(),
@@ -251,6 +264,7 @@ impl Writer {
             let results = self.write_group(&group);
             if rows > 0 {
                 self.activity.committed();
+                self.activity.set_dedupe_keys(self.dedupe.len());
             }
             for (request, result) in group.into_iter().zip(results) {
                 // The requester may have gone (client hung up); its rows are
