@@ -1,8 +1,7 @@
 //! Bytes → what the ingest routes do with a request body (src/ingest/mod.rs):
 //! UTF-8 check, `serde_json` parse, then `segment::prepare` for each
-//! single-message route, for the batch form (envelope parsed with a borrowed
-//! `RawValue` exactly as `batch_rows` does, items parsed one by one with the
-//! envelope merged in) and for NDJSON backfill lines.
+//! single-message route, for the batch form (through ingest's own
+//! `batch_rows`) and for NDJSON backfill lines.
 //!
 //! Beyond "no panic", a prepared message must hold what the rest of the
 //! daemon relies on: its stored text parses back, the mapper's
@@ -12,11 +11,11 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use libfuzzer_sys::fuzz_target;
+use schematic_sync::config::ServerConfig;
+use schematic_sync::ingest;
 use schematic_sync::segment::{self, Envelope, MessageType, PreparedMessage};
 use schematic_sync::store::events::EventRow;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 const ROUTES: [MessageType; 6] = [
     MessageType::Track,
@@ -26,21 +25,6 @@ const ROUTES: [MessageType; 6] = [
     MessageType::Screen,
     MessageType::Alias,
 ];
-
-/// The `/v1/batch` body as `ingest::batch_rows` reads it (that struct is
-/// private to the ingest module, so it is mirrored here field for field).
-#[derive(Deserialize)]
-struct BatchBody<'a> {
-    #[serde(borrow)]
-    batch: Option<&'a RawValue>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-    #[serde(rename = "sentAt")]
-    sent_at: Option<Value>,
-    #[serde(rename = "writeKey")]
-    #[allow(dead_code)]
-    write_key: Option<Value>,
-}
 
 fn received_at() -> DateTime<Utc> {
     // A fixed server clock keeps every input reproducible.
@@ -53,14 +37,6 @@ fn received_at() -> DateTime<Utc> {
 fn take_write_key(value: &mut Value) {
     if let Some(members) = value.as_object_mut() {
         members.remove("writeKey");
-    }
-}
-
-fn object_member(v: &Option<Value>) -> Result<Option<&Map<String, Value>>, ()> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m)),
-        Some(_) => Err(()),
     }
 }
 
@@ -132,38 +108,38 @@ fn single(value: &Value) {
     }
 }
 
-fn batch(text: &str) {
-    let Ok(body) = serde_json::from_str::<BatchBody<'_>>(text) else {
+/// The batch form through ingest's own `batch_rows` (envelope, limits,
+/// merge, per-item validation): every row it accepts must be what the store
+/// and the mapper rely on.
+fn batch(data: &[u8]) {
+    let limits = ServerConfig::default();
+    let Ok(rows) = ingest::batch_rows(&limits, data, Some("fuzz-key".into()), received_at()) else {
         return;
     };
-    let Some(batch) = body.batch else { return };
-    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(batch.get()) else {
-        return;
-    };
-    let (Ok(context), Ok(integrations)) = (
-        object_member(&body.context),
-        object_member(&body.integrations),
-    ) else {
-        return;
-    };
-    let sent_at = match &body.sent_at {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => return,
-    };
-    let env = Envelope {
-        context,
-        integrations,
-        sent_at,
-    };
-    for item in items {
-        let Ok(mut value) = serde_json::from_str::<Value>(item.get()) else {
-            continue;
-        };
-        take_write_key(&mut value);
-        if let Ok(p) = segment::prepare(value, None, &env, received_at()) {
-            check(&p, None);
+    for row in rows {
+        assert!(!row.message_id.is_empty(), "empty messageId");
+        assert!(
+            row.user_id.is_some() || row.anonymous_id.is_some(),
+            "accepted without userId or anonymousId"
+        );
+        if row.kind == "track" {
+            assert!(
+                row.event.as_deref().is_some_and(|e| !e.trim().is_empty()),
+                "a track accepted without an event name"
+            );
         }
+        assert!(
+            DateTime::parse_from_rfc3339(&row.timestamp).is_ok(),
+            "stored timestamp {:?} is not RFC 3339",
+            row.timestamp
+        );
+        let raw: Value = serde_json::from_str(&row.raw).expect("the stored raw text parses back");
+        assert_eq!(raw.get("type").and_then(Value::as_str), Some(row.kind));
+        assert!(raw.get("writeKey").is_none(), "the write key is stored");
+        assert!(
+            segment::stored_membership(&raw).is_ok(),
+            "the mapper cannot read the membership of a stored batch item"
+        );
     }
 }
 
@@ -175,7 +151,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(value) = serde_json::from_str::<Value>(text) {
         single(&value);
     }
-    batch(text);
+    batch(data);
     if text.contains('\n') {
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             if let Ok(value) = serde_json::from_str::<Value>(line) {
