@@ -280,6 +280,9 @@ async fn metrics_endpoint(State(monitor): State<Monitor>) -> impl IntoResponse {
 async fn run_retention(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) {
     let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
+    // A run that takes longer than `every` (a large purge being given back)
+    // is followed by a full `every` of rest, not by the ticks it missed.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::store::dedupe::Dedupe;
 use crate::store::events::{self, EventRow, InsertOutcome};
-use crate::store::{disk_size, Store, BUSY_TIMEOUT};
+use crate::store::{disk_size, Store};
 
 /// Most rows one transaction takes before the waiting requests get answered.
 const MAX_ROWS_PER_COMMIT: usize = 20_000;
@@ -35,25 +35,10 @@ pub const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// into the database file (and syncing it) again and again.
 pub const WRITER_WAL_AUTOCHECKPOINT: i64 = 10_000;
 
-/// How often the ingest writer retries the write lock while another
-/// connection (the mapper, the delivery worker, retention) holds it.
-const LOCK_POLL: Duration = Duration::from_micros(100);
-
-/// The writer's busy handler, in place of `busy_timeout`'s: SQLite's own
-/// sleeps 1, 2, 5, 10, 15, 20, 25 ms... between tries, so a group waiting
-/// behind a 20 ms mapper transaction lost another 10-30 ms after the lock
-/// was free, and every request in it waited as long. Polling every 100 µs
-/// gives up after the same `store::BUSY_TIMEOUT` in all.
-fn poll_write_lock(attempt: i32) -> bool {
-    std::thread::sleep(LOCK_POLL);
-    u128::try_from(attempt).unwrap_or(0) < BUSY_TIMEOUT.as_micros() / LOCK_POLL.as_micros()
-}
-
 /// Settings of the ingest writer's connection on top of `Store::connect`'s,
 /// read back like those. Public so that benchmarks can compare the daemon
 /// with a connection set up the same way.
 pub fn tune_writer(conn: &Connection) -> anyhow::Result<()> {
-    conn.busy_handler(Some(poll_write_lock))?;
     conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_WAL_AUTOCHECKPOINT)?;
     let cache: i64 = conn.query_row("PRAGMA cache_size", [], |r| r.get(0))?;

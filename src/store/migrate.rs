@@ -29,8 +29,8 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         5,
-        "0005_event_idempotency.sql",
-        include_str!("../../migrations/0005_event_idempotency.sql"),
+        "0005_delivery_indexes.sql",
+        include_str!("../../migrations/0005_delivery_indexes.sql"),
     ),
 ];
 

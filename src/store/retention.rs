@@ -12,6 +12,17 @@ use crate::store::time_text;
 /// Rows per delete transaction.
 pub const BATCH: usize = 1000;
 
+/// Pause between two of retention's transactions, so that a writer waiting
+/// for the lock (polling every 100 µs, `store::poll_lock`) gets it between
+/// them. While a purge of 2 GB was being given back to the file system,
+/// back-to-back runs of back-to-back steps left so little room that a
+/// drain pass failed with "database is locked" after 10 s, five times.
+const PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+fn let_others_write() {
+    std::thread::sleep(PAUSE);
+}
+
 /// What one retention run deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
@@ -35,18 +46,20 @@ pub fn sweep(conn: &mut Connection, cutoff: DateTime<Utc>) -> rusqlite::Result<S
         if n < BATCH {
             break;
         }
+        let_others_write();
     }
     loop {
-        // superseded rows have no index of their own; they are few
         let n = conn.execute(
             "DELETE FROM deliveries WHERE id IN (
-                 SELECT id FROM deliveries WHERE state = 'superseded' AND created_at < ?1 LIMIT ?2)",
+                 SELECT id FROM deliveries INDEXED BY deliveries_superseded
+                 WHERE state = 'superseded' AND created_at < ?1 LIMIT ?2)",
             params![cutoff, BATCH as i64],
         )?;
         swept.deliveries += n;
         if n < BATCH {
             break;
         }
+        let_others_write();
     }
     // Events arrive in id order, so every event older than the cutoff has an
     // id below the first one that is not; walking from the oldest id stops
@@ -79,6 +92,7 @@ pub fn sweep(conn: &mut Connection, cutoff: DateTime<Utc>) -> rusqlite::Result<S
         if n < BATCH {
             break;
         }
+        let_others_write();
     }
     swept.freed_pages = vacuum_free_pages(conn)?;
     Ok(swept)
@@ -119,6 +133,7 @@ pub fn vacuum_free_pages(conn: &Connection) -> rusqlite::Result<i64> {
             break;
         }
         free = now;
+        let_others_write();
     }
     Ok(free_before - free)
 }
@@ -139,6 +154,7 @@ pub fn purge_failed(conn: &mut Connection, before: DateTime<Utc>) -> rusqlite::R
         if n < BATCH {
             break;
         }
+        let_others_write();
     }
     Ok(total)
 }
@@ -148,6 +164,43 @@ mod tests {
     use super::*;
     use crate::store::deliveries::{self, AttemptRecord, NewDelivery, Resolution};
     use crate::store::events::{self, EventRow};
+
+    #[test]
+    fn another_writer_gets_in_while_retention_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store {
+            path: dir.path().join("v.db"),
+            synchronous: crate::config::Synchronous::Normal,
+        };
+        let mut conn = store.open_and_migrate().unwrap();
+        // 200,000 delivered rows past retention: 200 delete transactions
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
+             INSERT INTO deliveries (kind, state, next_attempt_at, idempotency_key, payload,
+                                     audience_key, user_id, created_at, delivered_at)
+             SELECT 'identify', 'delivered', '2020-01-01T00:00:00.000Z', 'k' || i, '{}',
+                    'a', 'u' || i, '2020-01-01T00:00:00.000Z', '2020-01-01T00:00:00.000Z'
+             FROM n;",
+        )
+        .unwrap();
+        let sweep = std::thread::spawn(move || {
+            let swept = sweep(&mut conn, Utc::now()).unwrap();
+            (swept, std::time::Instant::now())
+        });
+        // a writer arriving meanwhile commits before retention is done
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let other = store.connect().unwrap();
+        other
+            .execute(
+                "INSERT INTO worker_state (key, value, updated_at) VALUES ('t', 'v', 'now')",
+                [],
+            )
+            .unwrap();
+        let written = std::time::Instant::now();
+        let (swept, done) = sweep.join().unwrap();
+        assert_eq!(swept.deliveries, 200_000);
+        assert!(written < done, "the writer waited for the whole sweep");
+    }
 
     #[test]
     fn sweep_keeps_failed_and_recent_rows() {
