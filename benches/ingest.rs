@@ -1032,14 +1032,13 @@ fn main() {
     println!("  database size            {db_mb:.1} MB; daemon exit: {exit}");
     if !warnings.is_empty() || !errors.is_empty() {
         println!(
-            "  daemon log               {} WARN, {} ERROR lines; first: {}",
+            "  daemon log               {} WARN, {} ERROR lines; the first five:",
             warnings.len(),
             errors.len(),
-            errors
-                .first()
-                .or(warnings.first())
-                .map_or("", |s| s.as_str())
         );
+        for line in errors.iter().chain(&warnings).take(5) {
+            println!("    {line}");
+        }
     }
     println!();
     println!(

@@ -466,7 +466,7 @@ pub fn sync_audiences(
     // Engage messages already acknowledged are filed first (as the daemon
     // does every drain tick), so the diff, dry or not, sees them.
     let mappings = config.compiled_mappings()?;
-    crate::delivery::mapper::map_received(conn, &mappings, Utc::now(), None)?;
+    crate::delivery::mapper::map_received(conn, &mappings, Utc::now(), None, &|| false)?;
     let keys = match key {
         Some(k) => {
             if crate::store::audiences::trait_name_of(conn, k)?.is_none() {

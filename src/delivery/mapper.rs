@@ -105,10 +105,12 @@ pub fn map_received(
     mappings: &[Mapping],
     now: DateTime<Utc>,
     yield_to: Option<&IngestActivity>,
+    stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<MapReport> {
     let mut report = MapReport::default();
     let mut after = 0i64;
-    loop {
+    // a stop ends the pass between chunks; the rest waits for the next pass
+    while !stop() {
         let started = std::time::Instant::now();
         let events = deliveries::received_events(conn, after, CHUNK)?;
         let Some(last) = events.last() else {
@@ -150,4 +152,78 @@ pub fn map_received(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Config, StoreConfig};
+    use crate::store::dedupe::{dedupe_key, Dedupe};
+    use crate::store::events::{self, EventRow};
+    use crate::store::Store;
+
+    fn track(i: usize) -> EventRow {
+        let message_id = format!("m{i}");
+        EventRow {
+            dedupe_key: dedupe_key("k", &message_id),
+            raw: format!(
+                r#"{{"type":"track","event":"Signed Up","userId":"u{i}","messageId":"{message_id}","timestamp":"2025-01-01T00:00:00.000Z"}}"#
+            ),
+            message_id,
+            write_key: "k".to_string(),
+            kind: "track",
+            user_id: Some(format!("u{i}")),
+            anonymous_id: None,
+            event: Some("Signed Up".to_string()),
+            timestamp: "2025-01-01T00:00:00.000Z".to_string(),
+            received_at: "2025-01-01T00:00:00.000Z".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_stop_ends_the_pass_between_chunks_and_the_next_pass_maps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&StoreConfig {
+            path: dir.path().join("t.db"),
+            ..StoreConfig::default()
+        });
+        let mut conn = store.open_and_migrate().unwrap();
+        let rows: Vec<EventRow> = (0..CHUNK * 5 / 2).map(track).collect();
+        let mut dedupe = Dedupe::new(Duration::from_secs(3600));
+        events::insert_committed(&mut conn, &mut dedupe, &rows).unwrap();
+        let mappings = Config::default().compiled_mappings().unwrap();
+        let received = |conn: &Connection| -> i64 {
+            conn.query_row(
+                "SELECT count(*) FROM events WHERE status = 'received'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+
+        // the stop turns true after the first chunk (a shutdown mid-pass)
+        let checks = Cell::new(0);
+        let stop = || {
+            checks.set(checks.get() + 1);
+            checks.get() > 1
+        };
+        let report = map_received(&mut conn, &mappings, Utc::now(), None, &stop).unwrap();
+        assert_eq!(report.events, CHUNK);
+        assert_eq!(received(&conn), (CHUNK * 3 / 2) as i64);
+
+        let report = map_received(&mut conn, &mappings, Utc::now(), None, &|| false).unwrap();
+        assert_eq!(report.events, CHUNK * 3 / 2);
+        assert_eq!(received(&conn), 0);
+        let deliveries: i64 = conn
+            .query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            deliveries,
+            (CHUNK * 5 / 2) as i64,
+            "one track delivery per event"
+        );
+    }
 }

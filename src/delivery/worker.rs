@@ -183,10 +183,19 @@ impl Worker {
 
     /// Maps new events into deliveries (no sending).
     pub async fn map_new_events(&self) -> anyhow::Result<MapReport> {
+        self.map_until(None).await
+    }
+
+    /// Maps new events until none is left or `stop` turns true (checked
+    /// between chunks, so a shutdown does not wait for a long backlog).
+    async fn map_until(&self, stop: Option<watch::Receiver<bool>>) -> anyhow::Result<MapReport> {
         let mappings = self.mappings.clone();
         let yield_to = self.yield_to.clone();
-        self.db(move |c| mapper::map_received(c, &mappings, Utc::now(), yield_to.as_deref()))
-            .await
+        self.db(move |c| {
+            let stopped = || stop.as_ref().is_some_and(|s| *s.borrow());
+            mapper::map_received(c, &mappings, Utc::now(), yield_to.as_deref(), &stopped)
+        })
+        .await
     }
 
     /// Rows claimed per round: one batch while probing, else one per sender.
@@ -207,7 +216,7 @@ impl Worker {
     /// sending is paused, a `Retry-After` says wait, or `stop` turns true.
     pub async fn drain(&self, stop: &watch::Receiver<bool>) -> anyhow::Result<DrainReport> {
         let mut report = DrainReport {
-            mapped: self.map_new_events().await?,
+            mapped: self.map_until(Some(stop.clone())).await?,
             ..Default::default()
         };
         let Some(context) = self.context.clone() else {

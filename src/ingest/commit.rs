@@ -32,8 +32,18 @@ pub const WRITER_CACHE_KIB: i64 = 8 * 1024;
 /// WAL pages after which a commit of the writer checkpoints (SQLite's default
 /// is 1,000). A group commit writes a few thousand pages, so the default
 /// checkpointed after nearly every group, copying the same hot index pages
-/// into the database file (and syncing it) again and again.
+/// into the database file (and syncing it) again and again. The checkpointer
+/// thread (below) normally has copied all but the last few groups by then,
+/// so this is the fallback that keeps the WAL from growing when it lags.
 pub const WRITER_WAL_AUTOCHECKPOINT: i64 = 10_000;
+
+/// How often the checkpointer thread copies committed WAL pages into the
+/// database file. Done on its own connection (a PASSIVE checkpoint never
+/// blocks the writer), copying and syncing the database file no longer
+/// stalls a group commit: with it the writer's 40 MB checkpoints (100-200 ms
+/// every second or so under load) left the request path; on the bench,
+/// p99 latency went from 164-170 ms to 104-121 ms.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Settings of the ingest writer's connection on top of `Store::connect`'s,
 /// read back like those. Public so that benchmarks can compare the daemon
@@ -195,6 +205,7 @@ impl Committer {
             path: store.path.clone(),
             max_size,
             health: health.clone(),
+            _checkpointer: Some(Checkpointer::start(store)?),
         };
         health.refresh_size(&writer.path, max_size);
         let handle = std::thread::Builder::new()
@@ -230,6 +241,62 @@ struct Writer {
     path: PathBuf,
     max_size: u64,
     health: Arc<StoreHealth>,
+    /// Runs as long as the writer does (stopped and joined when it is dropped).
+    _checkpointer: Option<Checkpointer>,
+}
+
+/// A thread that checkpoints the WAL every `CHECKPOINT_EVERY` on its own
+/// connection, so that the writer's commits do not wait for the database file
+/// to be written and synced. PASSIVE: it copies what no reader still needs
+/// and never takes the write lock; with nothing to copy it costs one read of
+/// the WAL index.
+struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(store: &Store) -> anyhow::Result<Checkpointer> {
+        let conn = store
+            .connect()
+            .context("cannot open the checkpointer's connection")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                let mut failing = false;
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(CHECKPOINT_EVERY);
+                    let result = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                    // logged once per run of failures (the writer reports
+                    // what matters: whether commits succeed)
+                    match result {
+                        Err(e) if !failing => {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                            failing = true;
+                        }
+                        Err(_) => {}
+                        Ok(_) => failing = false,
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Writer {
@@ -408,6 +475,7 @@ mod tests {
             path: store.path.clone(),
             max_size: u64::MAX,
             health: Arc::new(StoreHealth::default()),
+            _checkpointer: None,
         };
         let group = [
             request(vec![row("a", "track"), row("b", "track")]),
