@@ -21,7 +21,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 use crate::store::time_text;
@@ -384,22 +384,16 @@ fn backfill(conn: &Connection) -> rusqlite::Result<usize> {
             return Ok(total);
         };
         after = last;
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let written = (|| {
+        // dropped on an error, the transaction rolls back
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        {
             let mut update =
-                conn.prepare_cached("UPDATE events SET dedupe_key = ?2 WHERE id = ?1")?;
+                tx.prepare_cached("UPDATE events SET dedupe_key = ?2 WHERE id = ?1")?;
             for (id, write_key, message_id) in &missing {
                 update.execute(params![id, dedupe_key(write_key, message_id)])?;
             }
-            Ok(())
-        })();
-        match written {
-            Ok(()) => conn.execute_batch("COMMIT")?,
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e);
-            }
         }
+        tx.commit()?;
         total += missing.len();
     }
 }
