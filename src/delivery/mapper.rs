@@ -161,26 +161,12 @@ mod tests {
 
     use super::*;
     use crate::config::{Config, StoreConfig};
-    use crate::store::dedupe::{dedupe_key, Dedupe};
+    use crate::store::dedupe::Dedupe;
     use crate::store::events::{self, EventRow};
     use crate::store::Store;
 
     fn track(i: usize) -> EventRow {
-        let message_id = format!("m{i}");
-        EventRow {
-            dedupe_key: dedupe_key("k", &message_id),
-            raw: format!(
-                r#"{{"type":"track","event":"Signed Up","userId":"u{i}","messageId":"{message_id}","timestamp":"2025-01-01T00:00:00.000Z"}}"#
-            ),
-            message_id,
-            write_key: "k".to_string(),
-            kind: "track",
-            user_id: Some(format!("u{i}")),
-            anonymous_id: None,
-            event: Some("Signed Up".to_string()),
-            timestamp: "2025-01-01T00:00:00.000Z".to_string(),
-            received_at: "2025-01-01T00:00:00.000Z".to_string(),
-        }
+        EventRow::for_test(&format!("m{i}"), "track", Utc::now())
     }
 
     #[test]

@@ -427,18 +427,7 @@ mod tests {
     use crate::config::StoreConfig;
 
     fn row(message_id: &str, kind: &'static str) -> EventRow {
-        EventRow {
-            message_id: message_id.to_string(),
-            write_key: "k".to_string(),
-            dedupe_key: crate::store::dedupe::dedupe_key("k", message_id),
-            kind,
-            user_id: Some("u1".to_string()),
-            anonymous_id: None,
-            event: None,
-            timestamp: "2025-01-01T00:00:00.000Z".to_string(),
-            received_at: "2025-01-01T00:00:00.000Z".to_string(),
-            raw: "{}".to_string(),
-        }
+        EventRow::for_test(message_id, kind, Utc::now())
     }
 
     fn request(rows: Vec<EventRow>) -> CommitRequest {

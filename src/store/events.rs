@@ -136,6 +136,33 @@ pub fn count_by_status(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>
     rows.collect()
 }
 
+/// Rows for unit tests: a message of user `u1` under write key hash `k`,
+/// timed and received at `at`, whose raw JSON the default mappings can read.
+#[cfg(test)]
+impl EventRow {
+    pub fn for_test(
+        message_id: &str,
+        kind: &'static str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> EventRow {
+        let at = time_text(at);
+        EventRow {
+            message_id: message_id.to_string(),
+            write_key: "k".to_string(),
+            dedupe_key: dedupe_key("k", message_id),
+            kind,
+            user_id: Some("u1".to_string()),
+            anonymous_id: None,
+            event: Some("Signed Up".to_string()),
+            raw: serde_json::json!({"type": kind, "event": "Signed Up", "userId": "u1",
+                                    "messageId": message_id, "timestamp": at})
+            .to_string(),
+            timestamp: at.clone(),
+            received_at: at,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -211,18 +211,7 @@ mod tests {
         };
         let mut conn = store.open_and_migrate().unwrap();
         let old = Utc::now() - chrono::Duration::days(10);
-        let row = |id: &str, at: DateTime<Utc>| EventRow {
-            message_id: id.into(),
-            write_key: "k".into(),
-            dedupe_key: crate::store::dedupe::dedupe_key("k", id),
-            kind: "track",
-            user_id: Some("u".into()),
-            anonymous_id: None,
-            event: Some("E".into()),
-            timestamp: time_text(at),
-            received_at: time_text(at),
-            raw: "{}".into(),
-        };
+        let row = |id: &str, at: DateTime<Utc>| EventRow::for_test(id, "track", at);
         let mut dedupe = crate::store::dedupe::Dedupe::new(std::time::Duration::from_secs(60));
         events::insert_committed(
             &mut conn,
