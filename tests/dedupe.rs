@@ -7,14 +7,13 @@
 
 mod support;
 
-use base64::Engine;
 use reqwest::blocking::Client;
 use rusqlite::{params, Connection};
 use schematic_sync::store::dedupe::dedupe_key;
 use schematic_sync::store::events::hash_write_key;
 use schematic_sync::store::migrate::MIGRATIONS;
 use serde_json::{json, Value};
-use support::{http, Daemon, TestEnv};
+use support::{http, post_json_as, Daemon, TestEnv};
 
 const KEY: &str = "wk_dedupe";
 const OTHER_KEY: &str = "wk_other_source";
@@ -24,18 +23,10 @@ fn env_with_keys() -> TestEnv {
     TestEnv::with_sections("", &format!("write_keys = [{KEY:?}, {OTHER_KEY:?}]"), "")
 }
 
-/// POSTs `body` with `key` as HTTP Basic user; returns status and JSON answer.
+/// POSTs `body` to `route` with `key` as HTTP Basic user; returns status and
+/// JSON answer.
 fn post(client: &Client, daemon: &Daemon, route: &str, key: &str, body: &Value) -> (u16, Value) {
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
-    let resp = client
-        .post(daemon.url(route))
-        .header("Authorization", format!("Basic {token}"))
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    post_json_as(client, &daemon.url(route), key, body)
 }
 
 fn ok() -> (u16, Value) {

@@ -6,10 +6,9 @@ mod support;
 use std::io::Write;
 use std::time::Duration;
 
-use base64::Engine;
-use reqwest::blocking::{Client, RequestBuilder};
+use reqwest::blocking::Client;
 use serde_json::{json, Value};
-use support::{http, TestEnv};
+use support::{basic, http, post_json_as, TestEnv};
 
 const KEY: &str = "wk_test";
 
@@ -17,19 +16,8 @@ fn env_with_key() -> TestEnv {
     TestEnv::with_sections("", &format!("write_keys = [{KEY:?}]"), "")
 }
 
-fn basic(req: RequestBuilder, key: &str) -> RequestBuilder {
-    let token = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
-    req.header("Authorization", format!("Basic {token}"))
-}
-
 fn post_json(client: &Client, url: &str, body: &Value) -> (u16, Value) {
-    let resp = basic(client.post(url), KEY)
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    post_json_as(client, url, KEY, body)
 }
 
 fn post_raw(client: &Client, url: &str, body: Vec<u8>) -> (u16, Value) {

@@ -205,6 +205,33 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
+/// Sends `key` as the HTTP Basic user, as Segment's libraries send a write key.
+pub fn basic(
+    req: reqwest::blocking::RequestBuilder,
+    key: &str,
+) -> reqwest::blocking::RequestBuilder {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+    req.header("Authorization", format!("Basic {token}"))
+}
+
+/// POSTs `body` as JSON with `key` in Basic auth; returns the status and the
+/// JSON answer (`Null` when the answer is not JSON).
+pub fn post_json_as(
+    client: &reqwest::blocking::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let resp = basic(client.post(url), key)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(serde_json::Value::Null))
+}
+
 /// Polls `f` until it returns true or the timeout passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
