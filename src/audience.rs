@@ -281,12 +281,7 @@ mod tests {
     }
 
     fn store() -> (tempfile::TempDir, Connection) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store {
-            path: dir.path().join("a.db"),
-            synchronous: crate::config::Synchronous::Normal,
-        };
-        let conn = store.open_and_migrate().unwrap();
+        let (dir, _, conn) = crate::store::temp_store();
         (dir, conn)
     }
 

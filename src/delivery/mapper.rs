@@ -160,10 +160,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::{Config, StoreConfig};
+    use crate::config::Config;
     use crate::store::dedupe::Dedupe;
     use crate::store::events::{self, EventRow};
-    use crate::store::Store;
 
     fn track(i: usize) -> EventRow {
         EventRow::for_test(&format!("m{i}"), "track", Utc::now())
@@ -171,12 +170,7 @@ mod tests {
 
     #[test]
     fn a_stop_ends_the_pass_between_chunks_and_the_next_pass_maps_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(&StoreConfig {
-            path: dir.path().join("t.db"),
-            ..StoreConfig::default()
-        });
-        let mut conn = store.open_and_migrate().unwrap();
+        let (_dir, _, mut conn) = crate::store::temp_store();
         let rows: Vec<EventRow> = (0..CHUNK * 5 / 2).map(track).collect();
         let mut dedupe = Dedupe::new(Duration::from_secs(3600));
         events::insert_committed(&mut conn, &mut dedupe, &rows).unwrap();

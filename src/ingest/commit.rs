@@ -424,7 +424,6 @@ impl Committer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StoreConfig;
 
     fn row(message_id: &str, kind: &'static str) -> EventRow {
         EventRow::for_test(message_id, kind, Utc::now())
@@ -449,12 +448,7 @@ mod tests {
 
     #[test]
     fn a_failing_request_fails_alone_and_the_rest_of_its_group_is_stored() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(&StoreConfig {
-            path: dir.path().join("t.db"),
-            ..StoreConfig::default()
-        });
-        store.open_and_migrate().unwrap();
+        let (_dir, store, _) = crate::store::temp_store();
         let conn = store.connect().unwrap();
         tune_writer(&conn).unwrap();
         let mut writer = Writer {

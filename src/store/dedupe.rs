@@ -440,12 +440,7 @@ mod tests {
 
     #[test]
     fn load_reads_the_keys_of_the_window_and_fills_missing_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store {
-            path: dir.path().join("d.db"),
-            synchronous: crate::config::Synchronous::Normal,
-        };
-        let conn = store.open_and_migrate().unwrap();
+        let (_dir, _, conn) = crate::store::temp_store();
         let now = at(30 * 86_400);
         // received 10 days, 2 days and 1 hour before now; the middle one as
         // stored before migration 4, without its key

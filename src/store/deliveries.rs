@@ -500,12 +500,7 @@ mod tests {
 
     #[test]
     fn an_expired_stale_audience_value_is_superseded_not_sent_with_the_newer_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store {
-            path: dir.path().join("d.db"),
-            synchronous: crate::config::Synchronous::Normal,
-        };
-        let conn = store.open_and_migrate().unwrap();
+        let (_dir, _, conn) = crate::store::temp_store();
         let t0 = Utc::now();
         let later = |s: i64| t0 + chrono::Duration::seconds(s);
         insert(

@@ -160,6 +160,21 @@ pub fn disk_size(path: &Path) -> u64 {
     main + wal
 }
 
+/// A migrated store in a new temporary folder, for unit tests: the folder
+/// lives as long as the returned guard.
+#[cfg(test)]
+pub fn temp_store() -> (tempfile::TempDir, Store, Connection) {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let store = Store {
+        path: dir.path().join("test.db"),
+        synchronous: Synchronous::Normal,
+    };
+    let conn = store
+        .open_and_migrate()
+        .expect("open and migrate the test store");
+    (dir, store, conn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,12 +167,7 @@ mod tests {
 
     #[test]
     fn another_writer_gets_in_while_retention_deletes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store {
-            path: dir.path().join("v.db"),
-            synchronous: crate::config::Synchronous::Normal,
-        };
-        let mut conn = store.open_and_migrate().unwrap();
+        let (_dir, store, mut conn) = crate::store::temp_store();
         // 200,000 delivered rows past retention: 200 delete transactions
         conn.execute_batch(
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
@@ -204,12 +199,7 @@ mod tests {
 
     #[test]
     fn sweep_keeps_failed_and_recent_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store {
-            path: dir.path().join("r.db"),
-            synchronous: crate::config::Synchronous::Normal,
-        };
-        let mut conn = store.open_and_migrate().unwrap();
+        let (_dir, _, mut conn) = crate::store::temp_store();
         let old = Utc::now() - chrono::Duration::days(10);
         let row = |id: &str, at: DateTime<Utc>| EventRow::for_test(id, "track", at);
         let mut dedupe = crate::store::dedupe::Dedupe::new(std::time::Duration::from_secs(60));
